@@ -1,0 +1,1 @@
+"""Model families built from the quantized layers of `bsq_jax.layers`."""

@@ -1,0 +1,114 @@
+"""Start from PyTorch weights: state_dicts of numpy arrays -> Flax variables.
+
+`load_torch_resnet` takes the pytorch-classification CIFAR ResNet that the
+paper's release trains (names like ``layer2.0.downsample.0.weight``). torch
+itself is needed only to read a ``.pth`` file (`read_torch_checkpoint`), and is
+imported there, lazily.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bsq_jax import scheme as sch
+from bsq_jax.layers import Quant, freeze_scheme
+from bsq_jax.models.cifar_resnet import CifarResNet
+
+# Flax leaf name -> PyTorch parameter / buffer name.
+_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
+         "mean": "running_mean", "var": "running_var"}
+
+
+def cifar_torch_name(path: Tuple[str, ...]) -> str:
+  """('layer2_0', 'downsample_conv', 'kernel') -> 'layer2.0.downsample.0.weight'."""
+  parts = []
+  for part in path[:-1]:
+    part = re.sub(r"^(layer\d+)_(\d+)$", r"\1.\2", part)
+    part = {"downsample_conv": "downsample.0",
+            "downsample_bn": "downsample.1"}.get(part, part)
+    parts.append(part)
+  return ".".join(parts + [_LEAF[path[-1]]])
+
+
+def torch_to_flax_array(value: np.ndarray, flax_shape) -> np.ndarray:
+  """OIHW -> HWIO for convolutions, (out, in) -> (in, out) for dense."""
+  value = np.asarray(value, np.float32)
+  if value.ndim == 4:
+    value = value.transpose(2, 3, 1, 0)
+  elif value.ndim == 2:
+    value = value.T
+  return value
+
+
+def load_state_dict(model, state_dict: Mapping[str, Any], sample_input,
+                    torch_name: Callable[[Tuple[str, ...]], str]) -> Dict:
+  """Fills `model`'s float variables from a state_dict, checking every key.
+
+  Raises ValueError naming the first missing, misshapen or unexpected key.
+  """
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_input))
+  used = set()
+
+  def fill(path, leaf):
+    name = torch_name(tuple(k.key for k in path[1:]))
+    if name not in state_dict:
+      raise ValueError(f"state_dict: missing key {name!r} "
+                       f"(expected shape for {'/'.join(k.key for k in path)}: "
+                       f"{leaf.shape})")
+    value = torch_to_flax_array(np.asarray(state_dict[name]), leaf.shape)
+    if value.shape != leaf.shape:
+      raise ValueError(f"state_dict: key {name!r} has shape "
+                       f"{np.shape(state_dict[name])}, which does not fit "
+                       f"{leaf.shape} for this model")
+    used.add(name)
+    return jnp.asarray(value)
+
+  variables = jax.tree_util.tree_map_with_path(fill, flax.core.unfreeze(shapes))
+  extra = sorted(k for k in state_dict
+                 if k not in used and not k.endswith("num_batches_tracked"))
+  if extra:
+    raise ValueError(f"state_dict: unexpected keys for this model: {extra[:5]}")
+  return variables
+
+
+def load_torch_resnet(state_dict: Mapping[str, Any], depth: int,
+                      num_classes: int, act_bits: int,
+                      weight_bits: Optional[int] = None):
+  """A CIFAR ResNet and its variables from a PyTorch state_dict.
+
+  weight_bits=None keeps float weights; an int converts every quantized layer
+  to bit planes of that precision (spec section 3). Returns (model, variables)
+  with `model.apply(variables, x_nhwc, train=False)` giving the logits.
+  """
+  model = CifarResNet(depth=depth, num_classes=num_classes, act_bits=act_bits)
+  x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  variables = load_state_dict(model, state_dict, x, cifar_torch_name)
+  if weight_bits is None:
+    return model, variables
+  scheme = sch.uniform_scheme(model, x, weight_bits)
+  variables = dict(variables,
+                   params=sch.float_to_bsq(variables["params"], scheme))
+  return model.clone(quant=Quant("bsq", freeze_scheme(scheme))), variables
+
+
+def read_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
+  """Reads a .pth file into numpy arrays. Needs torch (not a requirement)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs PyTorch: pip install torch "
+                      f"(CPU build is enough)") from e
+  obj = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(obj, dict) and "state_dict" in obj:
+    obj = obj["state_dict"]
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: expected a state_dict, got {type(obj).__name__}")
+  # DataParallel checkpoints prefix every key with 'module.'.
+  return {k.removeprefix("module."): v.detach().cpu().numpy()
+          for k, v in obj.items() if hasattr(v, "detach")}
