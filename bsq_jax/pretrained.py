@@ -36,7 +36,7 @@ def cifar_torch_name(path: Tuple[str, ...]) -> str:
   return ".".join(parts + [_LEAF[path[-1]]])
 
 
-def torch_to_flax_array(value: np.ndarray, flax_shape) -> np.ndarray:
+def torch_to_flax_array(value: np.ndarray) -> np.ndarray:
   """OIHW -> HWIO for convolutions, (out, in) -> (in, out) for dense."""
   value = np.asarray(value, np.float32)
   if value.ndim == 4:
@@ -61,7 +61,7 @@ def load_state_dict(model, state_dict: Mapping[str, Any], sample_input,
       raise ValueError(f"state_dict: missing key {name!r} "
                        f"(expected shape for {'/'.join(k.key for k in path)}: "
                        f"{leaf.shape})")
-    value = torch_to_flax_array(np.asarray(state_dict[name]), leaf.shape)
+    value = torch_to_flax_array(np.asarray(state_dict[name]))
     if value.shape != leaf.shape:
       raise ValueError(f"state_dict: key {name!r} has shape "
                        f"{np.shape(state_dict[name])}, which does not fit "

@@ -1,1 +1,49 @@
-"""Model families built from the quantized layers of `bsq_jax.layers`."""
+"""Model families built from the quantized layers of `bsq_jax.layers`.
+
+`build_model(model_cfg, quant, axis_name)` is the one place a model is made
+from its config, so a checkpoint or an exported file that stores the model
+config can rebuild the same network.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from bsq_jax.layers import Quant
+from bsq_jax.models.cifar_resnet import CifarResNet, check_depth
+
+
+def _cifar_resnet(cfg: Mapping[str, Any], quant: Quant,
+                  axis_name: Optional[str]):
+  check_depth(cfg["depth"])
+  return CifarResNet(depth=cfg["depth"], num_classes=cfg["num_classes"],
+                     act_bits=cfg["act_bits"], quant=quant, axis_name=axis_name,
+                     quantize_shortcut=cfg.get("quantize_shortcut", False),
+                     width=cfg.get("width", 16))
+
+
+# name -> (constructor, input shape (H, W, C) without the batch axis)
+FAMILIES: Dict[str, Tuple[Callable, Callable[[Mapping], Tuple[int, ...]]]] = {
+    "cifar_resnet": (_cifar_resnet,
+                     lambda cfg: (cfg.get("image_size", 32),) * 2 +
+                     (cfg.get("channels", 3),)),
+}
+
+
+def _family(cfg: Mapping[str, Any]):
+  name = cfg["name"]
+  if name not in FAMILIES:
+    raise ValueError(f"model.name: expected one of {sorted(FAMILIES)}, "
+                     f"got {name!r}")
+  return FAMILIES[name]
+
+
+def build_model(cfg: Mapping[str, Any], quant: Quant = Quant(),
+                axis_name: Optional[str] = None):
+  """The Flax module for model config `cfg` in the given quantization mode."""
+  return _family(cfg)[0](cfg, quant, axis_name)
+
+
+def input_shape(cfg: Mapping[str, Any]) -> Tuple[int, ...]:
+  """(H, W, C) of one input image for this model config."""
+  return tuple(_family(cfg)[1](cfg))
