@@ -14,6 +14,7 @@ lacks a layer's entry is an error, never a silent default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -135,12 +136,16 @@ class QDense(nn.Module):
 # Activations (section 7).
 
 
-@jax.custom_vjp
-def _round_ste(x):
-  return jnp.round(x)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _quantize_to_scale(x, s, k: int):
+  """S * round(|x| K / S) / K * sign(x); gradient 1 for x, none for S."""
+  safe = jnp.where(s > 0, s, 1.0)
+  return jnp.sign(x) * jnp.round(jnp.abs(x) * k / safe) * safe / k
 
 
-_round_ste.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+_quantize_to_scale.defvjp(
+    lambda x, s, k: (_quantize_to_scale(x, s, k), s),
+    lambda k, s, g: (g, jnp.zeros_like(s)))
 
 
 def quantize_activation(x: jax.Array, act_bits: int,
@@ -149,13 +154,10 @@ def quantize_activation(x: jax.Array, act_bits: int,
 
   The gradient passes straight through; S is a constant to it.
   """
-  k = bp.steps(act_bits)
   s = jnp.max(jnp.abs(x))
   if axis_name is not None:
     s = jax.lax.pmax(s, axis_name)
-  s = jax.lax.stop_gradient(s)
-  safe = jnp.where(s > 0, s, 1.0)
-  return jnp.sign(x) * _round_ste(jnp.abs(x) * k / safe) * safe / k
+  return _quantize_to_scale(x, jax.lax.stop_gradient(s), bp.steps(act_bits))
 
 
 class QuantAct(nn.Module):
