@@ -412,6 +412,18 @@ def tfds_mod():
 
 
 @pytest.fixture
+def tfds_checksums(tfds_mod):
+  """tfds reads its registered checksums (url_infos) via etils.epath, which
+  needs the importlib_resources package; without it every tfds
+  download_and_prepare fails, so these tests cannot run."""
+  pytest.importorskip(
+      "importlib_resources",
+      reason="tfds 4.9.10 needs importlib_resources (etils[epath]) to read "
+      "its checksums; pip install importlib_resources")
+  return tfds_mod
+
+
+@pytest.fixture
 def no_network(monkeypatch, tfds_mod):
   """Any tfds download attempt fails at once instead of touching the net."""
   from tensorflow_datasets.core.download import download_manager  # pylint: disable=import-outside-toplevel
@@ -422,14 +434,14 @@ def no_network(monkeypatch, tfds_mod):
   monkeypatch.setattr(download_manager.DownloadManager, "_download", refuse)
 
 
-def test_tfds_expects_the_url_basename_in_manual_dir(tfds_mod):
+def test_tfds_expects_the_url_basename_in_manual_dir(tfds_checksums):
   """What tfds registers: the manual_dir file name is the URL basename."""
   from bsq_jax.data import cifar  # pylint: disable=import-outside-toplevel
   for name, filename, size in (("cifar10", "cifar-10-binary.tar.gz",
                                 170052171),
                                ("cifar100", "cifar-100-binary.tar.gz",
                                 168513733)):
-    builder = tfds_mod.builder(name, data_dir="/nonexistent-tfds")
+    builder = tfds_checksums.builder(name, data_dir="/nonexistent-tfds")
     assert builder._cifar_info.url == cifar.SPECS[name].url  # pylint: disable=protected-access
     got, info = cifar.expected_archive(builder, cifar.SPECS[name].url)
     assert got == filename and cifar.SPECS[name].url.endswith("/" + got)
@@ -457,7 +469,8 @@ def test_cifar_missing_archive_fails_fast_with_the_file_to_fetch(
   assert not (tmp_path / "tfds" / "cifar10" / "3.0.2").exists()
 
 
-def test_cifar_archive_of_the_wrong_size(tmp_path, no_network):
+def test_cifar_archive_of_the_wrong_size(tmp_path, tfds_checksums,
+                                         no_network):
   manual = tmp_path / "manual"
   manual.mkdir()
   write_cifar_archive(str(manual / "cifar-10-binary.tar.gz"), "cifar10")
@@ -492,12 +505,13 @@ def register_fake(monkeypatch, tfds_mod, name, path, checksum=None):
 @pytest.mark.parametrize("name, archive", [
     ("cifar10", "cifar-10-binary.tar.gz"),
     ("cifar100", "cifar-100-binary.tar.gz")])
-def test_cifar_prepared_from_a_manual_archive(tmp_path, monkeypatch, tfds_mod,
-                                              no_network, name, archive):
+def test_cifar_prepared_from_a_manual_archive(tmp_path, monkeypatch,
+                                              tfds_checksums, no_network,
+                                              name, archive):
   manual = tmp_path / "manual"
   manual.mkdir()
   expected = write_cifar_archive(str(manual / archive), name)
-  register_fake(monkeypatch, tfds_mod, name, str(manual / archive))
+  register_fake(monkeypatch, tfds_checksums, name, str(manual / archive))
   cfg = {"name": name, "data_dir": str(tmp_path / "tfds"),
          "manual_dir": str(manual)}
   ds = load_dataset(cfg)
@@ -520,12 +534,13 @@ def test_cifar_prepared_from_a_manual_archive(tmp_path, monkeypatch, tfds_mod,
 
 
 def test_cifar_archive_with_the_wrong_checksum(tmp_path, monkeypatch,
-                                               tfds_mod, no_network):
+                                               tfds_checksums, no_network):
   manual = tmp_path / "manual"
   manual.mkdir()
   path = str(manual / "cifar-10-binary.tar.gz")
   write_cifar_archive(path, "cifar10")
-  register_fake(monkeypatch, tfds_mod, "cifar10", path, checksum="0" * 64)
+  register_fake(monkeypatch, tfds_checksums, "cifar10", path,
+                checksum="0" * 64)
   with pytest.raises(DataError) as e:
     load_dataset({"name": "cifar10", "data_dir": str(tmp_path / "tfds"),
                   "manual_dir": str(manual)})
@@ -556,3 +571,23 @@ def test_tensorflow_is_kept_off_the_gpus(monkeypatch, tfds_mod):
 
   monkeypatch.setattr(tf.config, "set_visible_devices", refuse)
   assert cifar.import_tf() == (tf, tfds_mod)
+
+
+def test_cifar_archive_with_the_wrong_contents(tmp_path, monkeypatch,
+                                               tfds_checksums, no_network):
+  """Right name and (registered) checksum, but not the CIFAR layout inside:
+  whatever tfds raises comes back as one line naming the archive."""
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  path = str(manual / "cifar-10-binary.tar.gz")
+  with tarfile.open(path, "w:gz") as tar:
+    info = tarfile.TarInfo("something-else/readme.txt")
+    info.size = 5
+    tar.addfile(info, io.BytesIO(b"hello"))
+  register_fake(monkeypatch, tfds_checksums, "cifar10", path)
+  with pytest.raises(DataError) as e:
+    load_dataset({"name": "cifar10", "data_dir": str(tmp_path / "tfds"),
+                  "manual_dir": str(manual)})
+  one_line_error(e, "data.manual_dir", "preparing CIFAR-10 in", path,
+                 "failed:", "batches.meta.txt")
+  assert not (tmp_path / "tfds" / "cifar10" / "3.0.2").exists()

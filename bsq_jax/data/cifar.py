@@ -125,8 +125,10 @@ def _prepare(builder, tfds, spec: Spec, manual_dir: str, download: bool):
         f"original {spec.url}, download it again") from None
   except Exception as e:  # pylint: disable=broad-except
     source = archive if have_archive else spec.url
+    hint = (f"; pip install {e.name}" if isinstance(e, ModuleNotFoundError)
+            and e.name else "")
     raise DataError(f"{field}: preparing {spec.title} in {data_root} from "
-                    f"{source} failed: {_one_line(e)}") from None
+                    f"{source} failed: {_one_line(e)}{hint}") from None
 
 
 def _read_split(builder, tfds, split: str, spec: Spec, data_root: str):
