@@ -154,10 +154,10 @@ def quantize_activation(x: jax.Array, act_bits: int,
 
   The gradient passes straight through; S is a constant to it.
   """
-  s = jnp.max(jnp.abs(x))
+  s = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))  # pmax has no derivative
   if axis_name is not None:
     s = jax.lax.pmax(s, axis_name)
-  return _quantize_to_scale(x, jax.lax.stop_gradient(s), bp.steps(act_bits))
+  return _quantize_to_scale(x, s, bp.steps(act_bits))
 
 
 class QuantAct(nn.Module):

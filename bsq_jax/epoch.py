@@ -1,0 +1,160 @@
+"""Compiled epochs over a dataset that lives on the accelerator.
+
+The dataset is placed once on every local device. An epoch is a few
+dispatches of a pmapped `lax.scan` over `chunk_steps` train steps; each step
+gathers its global batch from a permutation that depends only on (seed,
+epoch), takes this device's slice, augments it and trains. Replicated state
+goes in and comes out with in_axes/out_axes=None.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bsq_jax import augment
+from bsq_jax.step import TrainState, make_eval_step, make_train_step
+
+AXIS = "batch"
+
+
+class DeviceData(NamedTuple):
+  """A dataset replicated on the local devices (uint8 images, int32 labels)."""
+  images: jax.Array
+  labels: jax.Array
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+
+  @property
+  def size(self) -> int:
+    return self.labels.shape[0]
+
+
+def _replicated_sharding() -> NamedSharding:
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def put_dataset(images: np.ndarray, labels: np.ndarray, mean, std) -> DeviceData:
+  sharding = _replicated_sharding()
+  return DeviceData(jax.device_put(images, sharding),
+                    jax.device_put(labels.astype(np.int32), sharding),
+                    tuple(mean), tuple(std))
+
+
+def epoch_key(seed: int, epoch: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), epoch)
+
+
+def check_batch(batch_size: int, devices: int) -> int:
+  """Per-device batch; the global batch must split evenly over devices."""
+  if batch_size <= 0 or batch_size % devices:
+    raise ValueError(f"config.batch_size: {batch_size} does not split evenly "
+                     f"over {devices} devices; use a multiple of {devices}")
+  return batch_size // devices
+
+
+def _local_slice(x: jax.Array, lane: jax.Array, per_device: int) -> jax.Array:
+  """This device's share of a global-batch array (lane = device index)."""
+  return jax.lax.dynamic_slice_in_dim(x, lane * per_device, per_device)
+
+
+class Trainer:
+  """Compiled train/eval functions for one model (one scheme, one mode)."""
+
+  def __init__(self, model, tx, roles, total_params: int, batch_size: int,
+               eval_batch_size: int, augment_data: bool = True):
+    self.devices = jax.local_device_count()
+    self.batch = batch_size
+    self.per_device = check_batch(batch_size, self.devices)
+    self.eval_batch = eval_batch_size
+    self.eval_per_device = check_batch(eval_batch_size, self.devices)
+    self.augment = augment_data
+    self.train_step = make_train_step(model, tx, roles, total_params, AXIS)
+    self.eval_step = make_eval_step(model, AXIS)
+    self.traces = 0  # how often the train chunk was traced (tests read it)
+    # pmap needs one mapped argument: each device's index (`lanes`).
+    self._lanes = np.arange(self.devices)
+    self._chunk = jax.pmap(self._train_chunk, axis_name=AXIS,
+                           in_axes=(0, None, None, None, None, None),
+                           out_axes=None)
+    self._eval = jax.pmap(self._eval_chunk, axis_name=AXIS,
+                          in_axes=(0, None, None, None, None), out_axes=None)
+
+  # -- traced ---------------------------------------------------------------
+
+  def _train_chunk(self, lane, state: TrainState, data: DeviceData, order: jax.Array,
+                   key: jax.Array, first_step: jax.Array):
+    self.traces += 1
+    steps = order.shape[0] // self.batch
+
+    def body(state, i):
+      ids = jax.lax.dynamic_slice_in_dim(order, i * self.batch, self.batch)
+      ids = _local_slice(ids, lane, self.per_device)
+      images = data.images[ids]
+      if self.augment:
+        offsets, flips = augment.draw(jax.random.fold_in(key, first_step + i),
+                                      self.batch)
+        images = augment.crop_flip(images, _local_slice(offsets, lane, self.per_device),
+                                   _local_slice(flips, lane, self.per_device))
+      images = augment.normalize(images, data.mean, data.std)
+      return self.train_step(state, images, data.labels[ids])
+
+    state, metrics = jax.lax.scan(body, state, jnp.arange(steps))
+    return state, jax.tree.map(jnp.sum, metrics)
+
+  def _eval_chunk(self, lane, params, batch_stats, data: DeviceData, order):
+    steps = order.shape[0] // self.eval_batch
+
+    def body(totals, i):
+      ids = jax.lax.dynamic_slice_in_dim(order, i * self.eval_batch,
+                                         self.eval_batch)
+      mask = (jnp.arange(self.eval_batch) + i * self.eval_batch) < data.size
+      ids, mask = (_local_slice(ids, lane, self.eval_per_device),
+                   _local_slice(mask, lane, self.eval_per_device))
+      images = augment.normalize(data.images[ids], data.mean, data.std)
+      sums = self.eval_step(params, batch_stats, images, data.labels[ids],
+                            mask.astype(jnp.float32))
+      return jax.tree.map(jnp.add, totals, sums), None
+
+    zero = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    totals, _ = jax.lax.scan(body, jax.tree.map(jnp.float32, zero),
+                             jnp.arange(steps))
+    return totals
+
+  # -- host -----------------------------------------------------------------
+
+  def steps_per_epoch(self, data: DeviceData) -> int:
+    return data.size // self.batch  # the last partial batch is dropped
+
+  def train_epoch(self, state: TrainState, data: DeviceData, seed: int,
+                  epoch: int, chunk_steps: int
+                  ) -> Iterator[Tuple[TrainState, int, Dict[str, float]]]:
+    """Yields (state, steps done, summed metrics) after every chunk."""
+    # Inputs placed as the outputs come back, so call 1 and 2 share a trace.
+    state = jax.device_put(state, _replicated_sharding())
+    key = epoch_key(seed, epoch)
+    order = jax.random.permutation(jax.random.fold_in(key, 0), data.size)
+    total = self.steps_per_epoch(data)
+    done = 0
+    while done < total:
+      n = min(chunk_steps, total - done)
+      chunk = order[done * self.batch:(done + n) * self.batch]
+      state, sums = self._chunk(self._lanes, state, data, chunk,
+                                jax.random.fold_in(key, 1), jnp.int32(done))
+      done += n
+      yield state, n, sums
+
+  def evaluate(self, state: TrainState, data: DeviceData) -> Dict[str, float]:
+    """Test loss and accuracy over the whole set (padded by wrapping around)."""
+    steps = -(-data.size // self.eval_batch)
+    order = jnp.arange(steps * self.eval_batch) % data.size
+    totals = jax.device_get(self._eval(self._lanes, state.params, state.batch_stats, data,
+                                       order))
+    return {"test_loss": float(totals["loss"] / totals["count"]),
+            "test_accuracy": float(totals["correct"] / totals["count"])}
