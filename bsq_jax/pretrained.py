@@ -112,3 +112,85 @@ def read_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
   # DataParallel checkpoints prefix every key with 'module.'.
   return {k.removeprefix("module."): v.detach().cpu().numpy()
           for k, v in obj.items() if hasattr(v, "detach")}
+
+
+# --------------------------------------------------------------------------
+# torchvision's ImageNet models (ResNet-50, Inception-V3).
+
+
+def _load_torch_model(model, state_dict: Mapping[str, Any], sample_input,
+                      weight_bits: Optional[int]):
+  """(model, variables) for `model` filled from a torchvision state_dict.
+
+  Torch names come from the Flax path (`cifar_torch_name`). A PACT clip
+  (act_bits <= 3) has no torch counterpart and starts at its initial value.
+  weight_bits=None keeps float weights; an int converts every quantized
+  tensor to bit planes of that precision (spec section 3).
+  """
+  from bsq_jax.layers import QuantAct  # pylint: disable=import-outside-toplevel
+  variables = load_state_dict(model.clone(act_bits=32), state_dict,
+                              sample_input, cifar_torch_name)
+  if model.act_bits <= 3:  # add the PACT clips, at QuantAct's initial value
+    alpha = QuantAct(model.act_bits).init(
+        jax.random.key(0), jnp.zeros(()))["params"]["pact_alpha"]
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               sample_input))["params"]
+    loaded = flax.traverse_util.flatten_dict(variables["params"])
+    variables = dict(variables, params=flax.traverse_util.unflatten_dict({
+        k: loaded[k] if k[-1] != "pact_alpha" else alpha
+        for k in flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))}))
+  if weight_bits is None:
+    return model, variables
+  scheme = sch.uniform_scheme(model, sample_input, weight_bits)
+  variables = dict(variables,
+                   params=sch.float_to_bsq(variables["params"], scheme))
+  return model.clone(quant=Quant("bsq", freeze_scheme(scheme))), variables
+
+
+def _num_classes(state_dict: Mapping[str, Any]) -> int:
+  if "fc.weight" not in state_dict:
+    raise ValueError("state_dict: missing key 'fc.weight'")
+  return int(np.shape(state_dict["fc.weight"])[0])
+
+
+def load_torchvision_resnet50(state_dict: Mapping[str, Any], act_bits: int,
+                              weight_bits: Optional[int] = None,
+                              quantize_shortcut: bool = True):
+  """torchvision's ResNet-50 (`resnet50().state_dict()`, numpy values).
+
+  The number of classes is read off ``fc.weight``. Returns (model, variables)
+  with `model.apply(variables, x_nhwc, train=False)` giving the logits; see
+  `load_torch_resnet` for weight_bits.
+  """
+  from bsq_jax.layers import check_act_bits  # pylint: disable=import-outside-toplevel
+  from bsq_jax.models.imagenet_resnet import ImageNetResNet  # pylint: disable=import-outside-toplevel
+  check_act_bits(act_bits)
+  model = ImageNetResNet(num_classes=_num_classes(state_dict),
+                         act_bits=act_bits,
+                         quantize_shortcut=quantize_shortcut)
+  x = jnp.zeros((1, 224, 224, 3), jnp.float32)
+  return _load_torch_model(model, state_dict, x, weight_bits)
+
+
+def load_torchvision_inception_v3(state_dict: Mapping[str, Any],
+                                  act_bits: int,
+                                  weight_bits: Optional[int] = None,
+                                  aux_logits: bool = True,
+                                  transform_input: bool = True):
+  """torchvision's Inception-V3 (`inception_v3().state_dict()`, numpy values).
+
+  aux_logits=False drops the auxiliary head (its ``AuxLogits.*`` keys, if
+  present, are ignored). transform_input=True matches torchvision's pretrained
+  weights, which set it (a model made with weights=None does not). Returns
+  (model, variables) as `load_torchvision_resnet50`.
+  """
+  from bsq_jax.layers import check_act_bits  # pylint: disable=import-outside-toplevel
+  from bsq_jax.models.inception_v3 import InceptionV3  # pylint: disable=import-outside-toplevel
+  check_act_bits(act_bits)
+  if not aux_logits:
+    state_dict = {k: v for k, v in state_dict.items()
+                  if not k.startswith("AuxLogits.")}
+  model = InceptionV3(num_classes=_num_classes(state_dict), act_bits=act_bits,
+                      aux_logits=aux_logits, transform_input=transform_input)
+  x = jnp.zeros((1, 299, 299, 3), jnp.float32)
+  return _load_torch_model(model, state_dict, x, weight_bits)

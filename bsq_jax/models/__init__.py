@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from bsq_jax.layers import Quant
 from bsq_jax.models.cifar_resnet import CifarResNet, check_depth
+from bsq_jax.models import imagenet_resnet, inception_v3
 
 
 def _cifar_resnet(cfg: Mapping[str, Any], quant: Quant,
@@ -27,6 +28,11 @@ FAMILIES: Dict[str, Tuple[Callable, Callable[[Mapping], Tuple[int, ...]]]] = {
     "cifar_resnet": (_cifar_resnet,
                      lambda cfg: (cfg.get("image_size", 32),) * 2 +
                      (cfg.get("channels", 3),)),
+    # ImageNet, torchvision's layouts; fields in each module's from_config.
+    "resnet50": (imagenet_resnet.from_config,
+                 imagenet_resnet.config_input_shape),
+    "inception_v3": (inception_v3.from_config,
+                     inception_v3.config_input_shape),
 }
 
 

@@ -1,0 +1,154 @@
+"""ImageNet ResNet-50 in torchvision's layout (v1.5), built from quantized layers.
+
+Module names mirror torchvision's so that a state_dict maps name for name:
+``conv1``/``bn1`` (stem), ``layer{1..4}_{i}/conv{1,2,3}``, ``.../bn{1,2,3}``,
+``.../downsample_conv`` and ``.../downsample_bn`` (torch ``downsample.0`` and
+``downsample.1``), ``fc``. v1.5: the stride of a stage sits in the 3x3 conv
+of its first bottleneck, not in the first 1x1.
+
+Quantized weights: every convolution (the 7x7 stem included) and ``fc``
+(weight and bias). The 1x1 downsample convolutions are quantized too when
+`quantize_shortcut` is set (the ImageNet default). BatchNorm stays float.
+
+Activation quantization (spec section 7, by analogy with the CIFAR basic
+block): inside every bottleneck, the output of each of its three activations
+is quantized to `act_bits` -- after bn1 (``act1``), after bn2 (``act2``) and
+the block output after the residual sum (``act3``). So every 3x3 and the
+second 1x1 of a block see quantized inputs, and so does the next block. The
+stem activation (after ``bn1``, before the max-pool) and the network input are
+not quantized, as in section 7; nor are the pooled features fed to ``fc``
+(they are an average of quantized block outputs). ``act_bits = 32`` gives
+plain ReLUs, i.e. exactly torchvision's network.
+
+`memory_bytes` sizes params, gradients and SGD momentum from shapes alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bsq_jax.layers import QConv, QDense, Quant, QuantAct, check_act_bits
+from bsq_jax.models.cifar_resnet import batch_norm
+
+# torchvision's init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+RESNET50_STAGES = (3, 4, 6, 3)
+
+
+class Bottleneck(nn.Module):
+  """1x1 - 3x3 (strided) - 1x1 (x4 channels), each with BN; act-q after each."""
+  planes: int
+  strides: int
+  quant: Quant
+  act_bits: int
+  axis_name: Optional[str] = None
+  quantize_shortcut: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    act = lambda name: QuantAct(self.act_bits, self.axis_name, name=name)
+    bn = lambda name: batch_norm(train, self.axis_name, name)
+    conv = lambda f, k, s, name: QConv(f, k, self.quant, strides=s,
+                                       kernel_init=_conv_init, name=name)
+    y = act("act1")(bn("bn1")(conv(self.planes, 1, 1, "conv1")(x)))
+    y = act("act2")(bn("bn2")(conv(self.planes, 3, self.strides, "conv2")(y)))
+    y = bn("bn3")(conv(self.planes * 4, 1, 1, "conv3")(y))
+    if self.strides != 1 or x.shape[-1] != self.planes * 4:
+      x = QConv(self.planes * 4, 1, self.quant, strides=self.strides,
+                padding="VALID", quantized=self.quantize_shortcut,
+                kernel_init=_conv_init, name="downsample_conv")(x)
+      x = bn("downsample_bn")(x)
+    return act("act3")(y + x)
+
+
+class ImageNetResNet(nn.Module):
+  """torchvision's ResNet with bottlenecks; the defaults give ResNet-50.
+
+  `width` (stem channels; stage i uses width * 2**i planes) and `stage_sizes`
+  exist so tests can build a small network of the same structure.
+  """
+  num_classes: int = 1000
+  act_bits: int = 8
+  quant: Quant = Quant()
+  axis_name: Optional[str] = None
+  quantize_shortcut: bool = True
+  width: int = 64
+  stage_sizes: Sequence[int] = RESNET50_STAGES
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = QConv(self.width, 7, self.quant, strides=2, kernel_init=_conv_init,
+              name="conv1")(x)
+    x = nn.relu(batch_norm(train, self.axis_name, "bn1")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, blocks in enumerate(self.stage_sizes):
+      for b in range(blocks):
+        x = Bottleneck(self.width * 2**stage,
+                       2 if (stage > 0 and b == 0) else 1, self.quant,
+                       self.act_bits, self.axis_name, self.quantize_shortcut,
+                       name=f"layer{stage + 1}_{b}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return QDense(self.num_classes, self.quant, kernel_init=_dense_init,
+                  name="fc")(x)
+
+
+# --------------------------------------------------------------------------
+# Memory from shapes.
+
+
+def _nbytes(tree) -> int:
+  return int(sum(np.prod(l.shape) * np.dtype(l.dtype).itemsize
+                 for l in jax.tree.leaves(tree)))
+
+
+def memory_bytes(model_cfg: Mapping[str, Any], mode: str,
+                 bits: int = 8) -> Dict[str, int]:
+  """Bytes a model config holds per replica in `mode`, from shapes only.
+
+  bsq mode counts every quantized tensor at `bits` bits (two float32 planes
+  per bit and weight), as right after the 8-bit conversion. Returns
+  ``params``, ``grads`` (same as params), ``momentum`` (SGD's trace buffer:
+  one per param leaf), ``batch_stats`` and ``total`` (their sum). Activations
+  and XLA temporaries are not included.
+  """
+  # Imported here: bsq_jax.models imports this module.
+  from bsq_jax.models import build_model, input_shape  # pylint: disable=import-outside-toplevel
+  model = build_model(model_cfg, Quant(mode, None, bits))
+  x = jax.ShapeDtypeStruct((1,) + input_shape(model_cfg), jnp.float32)
+  shapes = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), x)
+  params = _nbytes(shapes["params"])
+  stats = _nbytes(shapes.get("batch_stats", {}))
+  out = {"params": params, "grads": params, "momentum": params,
+         "batch_stats": stats}
+  out["total"] = sum(out.values())
+  return out
+
+
+# --------------------------------------------------------------------------
+# Model config (the "resnet50" family of bsq_jax.models).
+
+
+def from_config(cfg: Mapping[str, Any], quant: Quant,
+                axis_name: Optional[str]) -> ImageNetResNet:
+  """Fields: act_bits; num_classes (1000); quantize_shortcut (True); for
+  tests only, width (64) and stage_sizes ([3, 4, 6, 3])."""
+  check_act_bits(cfg["act_bits"])
+  return ImageNetResNet(
+      num_classes=cfg.get("num_classes", 1000), act_bits=cfg["act_bits"],
+      quant=quant, axis_name=axis_name,
+      quantize_shortcut=cfg.get("quantize_shortcut", True),
+      width=cfg.get("width", 64),
+      stage_sizes=tuple(cfg.get("stage_sizes", RESNET50_STAGES)))
+
+
+def config_input_shape(cfg: Mapping[str, Any]):
+  """(image_size, image_size, 3); image_size defaults to 224."""
+  return (cfg.get("image_size", 224),) * 2 + (3,)
