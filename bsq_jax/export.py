@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -97,7 +98,8 @@ import os
 import struct
 import sys
 import zlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 import numpy as np
 
@@ -185,89 +187,171 @@ class PackedTensor:
     return ((mag[:, None] >> shifts) & 1).mean(axis=0)
 
 
-def _levels_fn(n: int):
+@functools.lru_cache(maxsize=None)
+def _levels_fn():
+  """One jitted Q_n(clip(c)) over all tensors: the same code as bp.weight
+  (BitPlanes) and bp.level_weight (Levels), without the scale."""
   import jax
   from bsq_jax import bitplanes as bp
 
-  @jax.jit
-  def bsq(planes):  # the network's Q_n(clip(c)): same code as bp.weight
-    return bp.quantize_ste(bp.unscaled(planes), n)
-
-  @jax.jit
-  def finetune(c):  # same code as bp.level_weight
-    return bp.quantize_ste(c, n)
-  return bsq, finetune
+  def levels(nodes, bits):
+    return [bp.quantize_ste(bp.unscaled(v) if isinstance(v, bp.BitPlanes)
+                            else v.c, n) for v, n in zip(nodes, bits)]
+  return jax.jit(levels, static_argnums=1)
 
 
-def tensor_levels(path: str, node: Any, bits: int) -> PackedTensor:
-  """The integer levels of one BitPlanes / Levels node at precision `bits`.
-
-  q is read off `bitplanes.quantize_ste`'s output (q / K), so it is what the
-  network rounds to, whatever its internal arithmetic.
-  """
+def _check_node(path: str, node: Any, bits: int) -> Tuple[int, ...]:
   from bsq_jax import bitplanes as bp
+  if not 0 <= bits <= 16:
+    raise ExportError(f"{path}: precision {bits} out of range 0..16")
   if isinstance(node, bp.BitPlanes):
-    shape = tuple(np.shape(node.pos)[:-1])
     if node.bits != bits:
       raise ExportError(f"{path}: planes hold {node.bits} bits, the scheme "
                         f"says {bits}")
-  elif isinstance(node, bp.Levels):
-    shape = tuple(np.shape(node.c))
-  else:
-    raise ExportError(f"{path}: expected BitPlanes or Levels, got "
-                      f"{type(node).__name__}")
-  scale = np.float32(np.asarray(node.scale, np.float32))
-  if not 0 <= bits <= 16:
-    raise ExportError(f"{path}: precision {bits} out of range 0..16")
-  if bits == 0:
-    zeros = np.zeros(shape, bool)
-    return PackedTensor(path, shape, 0, scale, zeros, zeros.astype(np.uint16))
-  bsq_fn, ft_fn = _levels_fn(bits)
-  if isinstance(node, bp.BitPlanes):
-    r = np.asarray(bsq_fn(bp.BitPlanes(*(np.asarray(x, np.float32)
-                                         for x in node))))
-  else:
-    r = np.asarray(ft_fn(np.asarray(node.c, np.float32)))
-  if not np.all(np.isfinite(r)):
-    raise ExportError(f"{path}: non-finite weights cannot be packed")
-  mag = np.rint(np.abs(r.astype(np.float64)) * _steps(bits))
-  return PackedTensor(path, shape, bits, scale, np.signbit(r),
-                      mag.astype(np.uint16))
+    return tuple(np.shape(node.pos)[:-1])
+  if isinstance(node, bp.Levels):
+    return tuple(np.shape(node.c))
+  raise ExportError(f"{path}: expected BitPlanes or Levels, got "
+                    f"{type(node).__name__}")
 
 
-def _float_leaves(tree: Mapping, prefix: Tuple[str, ...] = ()
-                  ) -> Iterator[Tuple[str, Any]]:
-  from bsq_jax import scheme as sch
-  yield from sch.walk(tree, prefix)
+def tensor_levels(items: Sequence[Tuple[str, Any, int]]) -> List[PackedTensor]:
+  """Integer levels of (path, BitPlanes / Levels node, precision) triples.
+
+  q is read off `bitplanes.quantize_ste`'s output (q / K), computed the way
+  the network computes it, so it is what the network rounds to.
+  """
+  from bsq_jax import bitplanes as bp
+  shapes = [_check_node(p, v, n) for p, v, n in items]
+  live = [(p, v, n) for p, v, n in items if n > 0]
+  host = [type(v)(*(np.asarray(x, np.float32) for x in v)) for _, v, _ in live]
+  out = _levels_fn()(host, tuple(n for _, _, n in live)) if live else []
+  by_path = {p: np.asarray(r) for (p, _, _), r in zip(live, out)}
+  tensors = []
+  for (path, node, bits), shape in zip(items, shapes):
+    scale = np.float32(np.asarray(node.scale, np.float32))
+    if bits == 0:
+      zeros = np.zeros(shape, bool)
+      tensors.append(PackedTensor(path, shape, 0, scale, zeros,
+                                  zeros.astype(np.uint16)))
+      continue
+    r = by_path[path]
+    if not np.all(np.isfinite(r)):
+      raise ExportError(f"{path}: non-finite weights cannot be packed")
+    mag = np.rint(np.abs(r.astype(np.float64)) * bp.steps(bits))
+    tensors.append(PackedTensor(path, shape, bits, scale, np.signbit(r),
+                                mag.astype(np.uint16)))
+  return tensors
 
 
-def quantized_levels(mode: str, scheme: Optional[Mapping[str, int]],
-                     variables: Mapping[str, Any]
-                     ) -> Tuple[Dict[str, int], List[PackedTensor]]:
-  """(scheme, PackedTensor per quantized tensor in params order) of a model."""
+def _check_scheme(mode: str, scheme: Optional[Mapping[str, int]],
+                  params: Mapping[str, Any]) -> Dict[str, int]:
   from bsq_jax import bitplanes as bp
   from bsq_jax import scheme as sch
   if mode not in EXPORT_MODES:
     raise ExportError(f"mode: expected one of {EXPORT_MODES}, got {mode!r}")
-  params = variables["params"]
+  nodes = dict(sch.quantized(params))
+  kind = bp.BitPlanes if mode == "bsq" else bp.Levels
+  if any(not isinstance(v, kind) for v in nodes.values()):
+    raise ExportError(f"{mode} mode: expected {kind.__name__} nodes, found "
+                      f"{sorted({type(v).__name__ for v in nodes.values()})}")
   if mode == "bsq":
     found = sch.scheme_of(params)
     if scheme is not None and dict(scheme) != found:
+      diff = sorted(k for k in set(found) | set(scheme)
+                    if found.get(k) != scheme.get(k))
       raise ExportError(f"scheme disagrees with the planes' precisions on "
-                        f"{sorted(k for k in set(found) | set(scheme) if found.get(k) != scheme.get(k))}")
+                        f"{diff}")
     scheme = found
   elif scheme is None:
     raise ExportError("finetune mode needs the scheme (Levels do not hold "
                       "their precision)")
-  scheme = {k: int(v) for k, v in scheme.items()}
-  nodes = list(sch.quantized(params))
-  if mode == "finetune" and any(not isinstance(v, bp.Levels)
-                                for _, v in nodes):
-    raise ExportError("finetune mode: expected Levels nodes, found BitPlanes")
-  if set(scheme) != {p for p, _ in nodes}:
+  if set(scheme) != set(nodes):
     raise ExportError(f"scheme and params disagree on layers "
-                      f"{sorted(set(scheme) ^ {p for p, _ in nodes})}")
-  return scheme, [tensor_levels(p, v, scheme[p]) for p, v in nodes]
+                      f"{sorted(set(scheme) ^ set(nodes))}")
+  return {k: int(v) for k, v in scheme.items()}
+
+
+def model_layout(model_cfg: Mapping[str, Any], mode: str,
+                 scheme: Optional[Mapping[str, int]]):
+  """(model, abstract variables, [(collection, path)] in network order).
+
+  The order is the order the model creates its variables in, which is the
+  order of the layers in the network (jax's trees sort dict keys instead).
+  """
+  import jax
+  import jax.numpy as jnp
+  from bsq_jax import scheme as sch
+  from bsq_jax.layers import Quant
+  from bsq_jax.models import build_model, input_shape
+  try:
+    model = build_model(model_cfg, Quant(mode, scheme))
+    sample = jnp.zeros((1,) + tuple(input_shape(model_cfg)), jnp.float32)
+    order: List[Tuple[str, str]] = []
+
+    def init():
+      v = model.init(jax.random.key(0), sample, train=False)
+      order.extend((c, p) for c in v for p, _ in sch.walk(v[c]))
+      return v
+    abstract = jax.eval_shape(init)
+  except (KeyError, ValueError, TypeError) as e:
+    raise ExportError(f"cannot build the model of config {dict(model_cfg)}: "
+                      f"{str(e).splitlines()[0] if str(e) else e!r}") from None
+  return model, abstract, order
+
+
+def _shapes(variables: Mapping[str, Any], collections) -> Dict[str, Any]:
+  from bsq_jax import scheme as sch
+  out = {}
+  for c in collections:
+    for p, v in sch.walk(variables.get(c, {})):
+      out[f"{c}/{p}"] = ((type(v).__name__,) + tuple(
+          tuple(np.shape(x)) for x in v) if isinstance(v, sch.QUANT_NODES)
+                         else tuple(np.shape(v)))
+  return out
+
+
+def check_layout(variables: Mapping[str, Any], abstract: Mapping[str, Any]
+                 ) -> None:
+  """Raises ExportError unless `variables` has the model's tensors and shapes
+  (collections the model does not declare are ignored)."""
+  got, want = _shapes(variables, abstract), _shapes(abstract, abstract)
+  if got != want:
+    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+    first = "; ".join(f"{k}: {got.get(k, 'missing')} vs {want.get(k, 'none')}"
+                      for k in diff[:3])
+    raise ExportError(f"tensors do not match the model the config builds "
+                      f"(given vs expected): {first}{more}")
+
+
+def model_tensors(model_cfg: Mapping[str, Any], mode: str,
+                  scheme: Optional[Mapping[str, int]],
+                  variables: Mapping[str, Any]
+                  ) -> Tuple[Dict[str, int], List[Tuple[str, str, Any]]]:
+  """What export writes and inspect reports, in network order.
+
+  Checks `variables` against the model `model_cfg` builds in `mode`; returns
+  the scheme and (collection, path, PackedTensor | float32 array) entries.
+  """
+  from bsq_jax import scheme as sch
+  scheme = _check_scheme(mode, scheme, variables["params"])
+  _, abstract, order = model_layout(model_cfg, mode, scheme)
+  check_layout(variables, abstract)
+  leaves = {c: dict(sch.walk(variables[c])) for c in abstract}
+  quantized = [(p, leaves[c][p], scheme[p]) for c, p in order
+               if c == "params" and p in scheme]
+  levels = {t.path: t for t in tensor_levels(quantized)}
+  entries = []
+  for c, p in order:
+    if c == "params" and p in scheme:
+      entries.append((c, p, levels[p]))
+      continue
+    arr = np.asarray(leaves[c][p])
+    if not np.issubdtype(arr.dtype, np.floating):
+      raise ExportError(f"{c}/{p}: expected a float array, got {arr.dtype}")
+    entries.append((c, p, arr.astype(np.float32)))
+  return scheme, entries
 
 
 # --------------------------------------------------------------------------
@@ -334,38 +418,33 @@ def export_model(path: str, model_cfg: Mapping[str, Any], mode: str,
 
   mode: "bsq" (params hold BitPlanes; `scheme` may be None, it is read off
   the planes) or "finetune" (params hold Levels; `scheme` is required).
-  variables: {"params": ..., "batch_stats": ...} (any other collections of
-  float arrays are stored too).
+  variables: {"params": ..., "batch_stats": ...}, checked against the model
+  `model_cfg` builds (collections the model does not declare are left out).
+  Tensors are written in network order (the order the model creates them).
   """
   path = os.fspath(path)
   try:
-    scheme, tensors = quantized_levels(mode, scheme, variables)
+    scheme, entries = model_tensors(model_cfg, mode, scheme, variables)
   except ExportError as e:
     raise ExportError(f"{path}: cannot export: {e}") from None
-  by_path = {t.path: t for t in tensors}
-  table, blobs, offset = [], [], 0
+  table, blobs, offset, tensors = [], [], 0, []
   packed = scales = float_bytes = float_elements = 0
-  for collection in variables:
-    for leaf_path, leaf in _float_leaves(variables[collection]):
-      if collection == "params" and leaf_path in by_path:
-        t = by_path[leaf_path]
-        blob = _pack(t)
-        entry = dict(kind="quantized", shape=list(t.shape), bits=t.bits)
-        packed += len(blob) - SCALE_BYTES
-        scales += SCALE_BYTES
-      else:
-        arr = np.asarray(leaf)
-        if not np.issubdtype(arr.dtype, np.floating):
-          raise ExportError(f"{path}: cannot export {collection}/{leaf_path}:"
-                            f" expected a float array, got {arr.dtype}")
-        blob = np.ascontiguousarray(arr, "<f4").tobytes()
-        entry = dict(kind="float32", shape=list(arr.shape), bits=32)
-        float_bytes += len(blob)
-        float_elements += arr.size
-      table.append(dict(collection=collection, path=leaf_path, **entry,
-                        offset=offset, length=len(blob)))
-      blobs.append(blob)
-      offset += len(blob)
+  for collection, leaf_path, value in entries:
+    if isinstance(value, PackedTensor):
+      blob = _pack(value)
+      entry = dict(kind="quantized", shape=list(value.shape), bits=value.bits)
+      packed += len(blob) - SCALE_BYTES
+      scales += SCALE_BYTES
+      tensors.append(value)
+    else:
+      blob = np.ascontiguousarray(value, "<f4").tobytes()
+      entry = dict(kind="float32", shape=list(value.shape), bits=32)
+      float_bytes += len(blob)
+      float_elements += value.size
+    table.append(dict(collection=collection, path=leaf_path, **entry,
+                      offset=offset, length=len(blob)))
+    blobs.append(blob)
+    offset += len(blob)
   payload = b"".join(blobs)
   sizes = {t.path: t.size for t in tensors}
   tp = sum(sizes.values())
@@ -376,11 +455,12 @@ def export_model(path: str, model_cfg: Mapping[str, Any], mode: str,
   header = dict(magic=MAGIC.rstrip(b"\x00").decode(),
                 format_version=FORMAT_VERSION,
                 model_config=_json_value(dict(model_cfg)), mode=mode,
-                scheme=scheme, payload_bytes=len(payload),
+                scheme={t.path: t.bits for t in tensors},
+                payload_bytes=len(payload),
                 payload_sha256=hashlib.sha256(payload).hexdigest(),
                 accounting=accounting, tensors=table)
   try:
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head = json.dumps(header, separators=(",", ":")).encode()
   except TypeError as e:
     raise ExportError(f"{path}: cannot export: model config is not JSON "
                       f"({e})") from None
@@ -579,8 +659,9 @@ def load_model(path: str, mode: str = "finetune"):
     A fixed-scheme model, ready for inference or further finetuning.
   mode "bsq": each quantized tensor is a `BitPlanes` holding the binary
     decomposition of q (as `bitplanes.encode_levels` makes it), ready for
-    further BSQ training; weights equal the trained ones as values (a -0.0
-    weight becomes 0.0, which cannot change a sum).
+    further BSQ training; weights equal the trained ones as values (binary
+    planes cannot make -0.0: such a weight becomes 0.0, which changes no
+    sum that has a nonzero term).
   """
   if mode not in EXPORT_MODES:
     raise ValueError(f"mode: expected one of {EXPORT_MODES}, got {mode!r}")
@@ -588,8 +669,6 @@ def load_model(path: str, mode: str = "finetune"):
   import jax
   import jax.numpy as jnp
   from bsq_jax import bitplanes as bp
-  from bsq_jax.layers import Quant
-  from bsq_jax.models import build_model, input_shape
 
   flat = {}
   for t in packed.header["tensors"]:
@@ -603,22 +682,12 @@ def load_model(path: str, mode: str = "finetune"):
     else:
       flat[name] = bp.encode_levels(pt.unscaled(), pt.bits, pt.scale)
   variables = jax.tree.map(jnp.asarray, _nest(flat))
-  cfg = packed.model_config
   try:
-    model = build_model(cfg, Quant(mode, packed.scheme))
-    sample = jnp.zeros((1,) + input_shape(cfg), jnp.float32)
-    expected = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), sample, train=False))
-  except (KeyError, ValueError, TypeError) as e:
-    raise ExportError(f"{path}: cannot rebuild the model from its config "
-                      f"{cfg}: {e}") from None
-  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-                         jax.tree_util.tree_leaves_with_path(tree)}
-  got, want = shapes(variables), shapes(dict(expected))
-  if got != want:
-    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-    raise ExportError(f"{path}: tensors do not match the model its config "
-                      f"builds: {diff[:5]}")
+    model, abstract, _ = model_layout(packed.model_config, mode,
+                                      packed.scheme)
+    check_layout(variables, abstract)
+  except ExportError as e:
+    raise ExportError(f"{path}: {e}") from None
   return model, variables
 
 
@@ -626,11 +695,17 @@ def load_model(path: str, mode: str = "finetune"):
 # CLI.
 
 
-def _load_run(workdir: str, stage: Optional[str]):
-  from bsq_jax import checkpoint  # written elsewhere; imported only here
+def load_run(workdir: str, stage: Optional[str] = None):
+  """A training run's result via `bsq_jax.checkpoint.load_result`: an object
+  with model_config, mode, scheme and variables (imported only here)."""
+  from bsq_jax import checkpoint
+  load_result = getattr(checkpoint, "load_result", None)
+  if load_result is None:
+    raise ExportError(f"{workdir}: cannot read a run directory: "
+                      f"bsq_jax.checkpoint has no load_result")
   if stage is None:
-    return checkpoint.load_result(workdir)
-  return checkpoint.load_result(workdir, stage=stage)
+    return load_result(workdir)
+  return load_result(workdir, stage=stage)
 
 
 def main(argv=None) -> int:
@@ -638,13 +713,13 @@ def main(argv=None) -> int:
       prog="python -m bsq_jax.export",
       description="Write a training run's result as a packed model file.")
   parser.add_argument("--workdir", required=True, help="the run directory")
-  parser.add_argument("--stage", choices=EXPORT_MODES, default=None,
-                      help="which result (default: the last finished of "
-                           "finetune, bsq)")
+  parser.add_argument("--stage", default=None,
+                      help="which stage's result, e.g. finetune or bsq "
+                           "(default: the last finished of finetune, bsq)")
   parser.add_argument("--out", required=True, help="the file to write")
   args = parser.parse_args(argv)
   try:
-    result = _load_run(args.workdir, args.stage)
+    result = load_run(args.workdir, args.stage)
     stats = export_model(args.out, result.model_config, result.mode,
                          result.scheme, result.variables)
   except (ExportError, ValueError, KeyError, OSError, ImportError) as e:

@@ -16,7 +16,7 @@ chart, in layer order) and a heat map of bit-plane density (layers x bit
 position). docs/inspect_bit_density_example_tiny_resnet8.png is such a heat
 map for a tiny random ResNet-8 (width 4), not a trained model.
 
-CLI:  python -m bsq_jax.inspect_model PATH_OR_WORKDIR [--plots OUTDIR]
+CLI:  python -m bsq_jax.inspect_model PATH_OR_WORKDIR [--stage S] [--plots OUTDIR]
 (a file is read as a packed model file; a directory as a training run via
 `bsq_jax.checkpoint.load_result`).
 """
@@ -124,12 +124,10 @@ def inspect_variables(model_cfg: Mapping[str, Any], mode: str,
                       variables: Mapping[str, Any],
                       source: str = "(in memory)") -> Report:
   """Report for a model in memory (bsq: scheme may be None; finetune)."""
-  from bsq_jax import scheme as sch
-  scheme, tensors = export.quantized_levels(mode, scheme, variables)
-  quantized = {p for p, _ in sch.quantized(variables["params"])}
-  floats = sum(int(np.size(v)) for c in variables
-               for p, v in sch.walk(variables[c])
-               if not (c == "params" and p in quantized))
+  _, entries = export.model_tensors(model_cfg, mode, scheme, variables)
+  tensors = [v for _, _, v in entries if isinstance(v, export.PackedTensor)]
+  floats = sum(v.size for _, _, v in entries
+               if not isinstance(v, export.PackedTensor))
   return report_from_levels(source, mode, model_cfg, tensors, floats)
 
 
@@ -141,17 +139,16 @@ def inspect_file(path: str) -> Report:
                             packed.float_elements, packed.file_bytes)
 
 
-def inspect_run(workdir: str) -> Report:
+def inspect_run(workdir: str, stage: Optional[str] = None) -> Report:
   """Report for a training run's result (`checkpoint.load_result`)."""
-  from bsq_jax import checkpoint  # written elsewhere; imported only here
-  result = checkpoint.load_result(workdir)
+  result = export.load_run(workdir, stage)
   return inspect_variables(result.model_config, result.mode, result.scheme,
                            result.variables, source=workdir)
 
 
-def inspect_path(path: str) -> Report:
+def inspect_path(path: str, stage: Optional[str] = None) -> Report:
   """A directory is a training run; anything else a packed model file."""
-  return inspect_run(path) if os.path.isdir(path) else inspect_file(path)
+  return inspect_run(path, stage) if os.path.isdir(path) else inspect_file(path)
 
 
 # --------------------------------------------------------------------------
@@ -222,11 +219,14 @@ def main(argv=None) -> int:
       description="Per-layer precision and bit-plane density of a packed "
                   "model file or a training run.")
   parser.add_argument("path", help="a packed model file or a run directory")
+  parser.add_argument("--stage", default=None,
+                      help="for a run directory: which stage's result "
+                           "(default: the last finished of finetune, bsq)")
   parser.add_argument("--plots", default=None, metavar="OUTDIR",
                       help="also write precision.png and bit_density.png")
   args = parser.parse_args(argv)
   try:
-    report = inspect_path(args.path)
+    report = inspect_path(args.path, args.stage)
     print(report.table())
     if args.plots:
       for png in write_plots(report, args.plots):

@@ -1,5 +1,6 @@
 """The packed model file (bsq_jax.export) and the inspection report."""
 
+import dataclasses
 import json
 import os
 import struct
@@ -71,10 +72,26 @@ def _trained(cfg, mode, seed):
   return model, scheme, variables
 
 
-@pytest.fixture(scope="module")
-def runs():
-  return {"bsq": (CFG,) + _trained(CFG, "bsq", 1),
-          "finetune": (PACT_CFG,) + _trained(PACT_CFG, "finetune", 2)}
+@dataclasses.dataclass
+class Run:
+  """A 'trained' model, its exported file and what the network computes."""
+  cfg: dict
+  mode: str
+  model: object
+  scheme: dict
+  variables: dict
+  path: str
+  stats: export.ExportStats
+  weights: dict          # name -> the weight the network uses
+  logits: np.ndarray
+
+
+def _forward(model, variables, scheme, x):
+  """(used weights, logits), one compile per model."""
+  fn = jax.jit(lambda v, x: (sch.used_weights(v["params"], scheme),
+                             model.apply(v, x, train=False)))
+  w, logits = fn(variables, x)
+  return {k: np.asarray(a) for k, a in w.items()}, np.asarray(logits)
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +100,21 @@ def images():
   return jnp.asarray(rng.normal(size=(4, 32, 32, 3)).astype(np.float32))
 
 
-def _used(params, scheme):
-  return jax.jit(lambda p: sch.used_weights(p, scheme))(params)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, images):
+  """mode -> Run, built on first use: bsq (ReLU6) and finetune (PACT)."""
+  cache = {}
 
-
-def _logits(model, variables, x):
-  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, x))
+  def get(mode):
+    if mode not in cache:
+      cfg, seed = {"bsq": (CFG, 1), "finetune": (PACT_CFG, 2)}[mode]
+      model, scheme, variables = _trained(cfg, mode, seed)
+      path = str(tmp_path_factory.mktemp(mode) / "model.bsq")
+      stats = export.export_model(path, cfg, mode, scheme, variables)
+      cache[mode] = Run(cfg, mode, model, scheme, variables, path, stats,
+                        *_forward(model, variables, scheme, images))
+    return cache[mode]
+  return get
 
 
 def _bits(a):
@@ -97,62 +122,58 @@ def _bits(a):
 
 
 @pytest.mark.parametrize("mode", ["bsq", "finetune"])
-def test_export_load_reproduces_weights_and_logits(runs, images, mode,
-                                                   tmp_path):
-  cfg, model, scheme, variables = runs[mode]
-  path = str(tmp_path / "model.bsq")
-  stats = export.export_model(path, cfg, mode, scheme, variables)
-  assert stats.file_bytes == os.path.getsize(path)
-  want_w = _used(variables["params"], scheme)
-  want_logits = _logits(model, variables, images)
+def test_export_load_reproduces_weights_and_logits(runs, images, mode):
+  run = runs(mode)
+  want_w, want_logits = run.weights, run.logits
+  assert run.stats.file_bytes == os.path.getsize(run.path)
   assert np.all(np.isfinite(want_logits)) and np.ptp(want_logits) > 0
 
   # Default: Levels, c = q / K: every weight bit for bit, signed zeros too.
-  loaded, lvars = export.load_model(path)
-  got_w = _used(lvars["params"], scheme)
+  loaded, lvars = export.load_model(run.path)
+  got_w, got_logits = _forward(loaded, lvars, run.scheme, images)
   assert set(got_w) == set(want_w)
   for name in want_w:
     np.testing.assert_array_equal(_bits(got_w[name]), _bits(want_w[name]),
                                   err_msg=name)
-  zero = [n for n, b in scheme.items() if b == 0]
+  zero = [n for n, b in run.scheme.items() if b == 0]
   assert zero and all(not np.any(got_w[n]) for n in zero)
   assert any(np.any(np.signbit(w) & (w == 0)) for w in want_w.values())
-  got_logits = _logits(loaded, lvars, images)
   np.testing.assert_array_equal(got_logits, want_logits)
   np.testing.assert_array_equal(_bits(got_logits), _bits(want_logits))
   # Float parts come back as they were.
   for c in ("params", "batch_stats"):
-    for p, v in sch.walk(variables[c]):
+    loaded_floats = dict(sch.walk(lvars[c]))
+    for p, v in sch.walk(run.variables[c]):
       if not isinstance(v, sch.QUANT_NODES):
-        lv = dict(sch.walk(lvars[c]))[p]
-        np.testing.assert_array_equal(_bits(lv), _bits(v), err_msg=p)
+        np.testing.assert_array_equal(_bits(loaded_floats[p]), _bits(v),
+                                      err_msg=p)
 
   # BitPlanes: binary planes of q, the same weights as values, same logits.
-  loaded_b, bvars = export.load_model(path, mode="bsq")
-  assert sch.scheme_of(bvars["params"]) == scheme
-  got_b = _used(bvars["params"], None)
+  loaded_b, bvars = export.load_model(run.path, mode="bsq")
+  assert sch.scheme_of(bvars["params"]) == run.scheme
+  got_b, logits_b = _forward(loaded_b, bvars, None, images)
   for name in want_w:
     np.testing.assert_array_equal(got_b[name], want_w[name], err_msg=name)
     planes = dict(sch.quantized(bvars["params"]))[name]
     assert set(np.unique(planes.pos)) <= {0.0, 1.0}
-  np.testing.assert_array_equal(_logits(loaded_b, bvars, images), want_logits)
+  np.testing.assert_array_equal(logits_b, want_logits)
 
   # The numpy-only reader: integer levels and a numpy weight within an ulp.
-  packed = export.read_packed(path)
-  assert packed.scheme == scheme and packed.model_config == cfg
+  packed = export.read_packed(run.path)
+  assert packed.scheme == run.scheme and packed.model_config == run.cfg
+  assert packed.header["mode"] == mode
   for name, t in packed.quantized.items():
     k = max(bp.steps(t.bits), 1)
     assert t.q.dtype == np.int32 and np.abs(t.q).max(initial=0) <= k
     np.testing.assert_allclose(t.weight(), want_w[name], rtol=2e-7, atol=0)
     if t.bits:
-      np.testing.assert_array_equal(t.q, np.rint(np.asarray(want_w[name]) /
-                                                 t.scale * k))
+      np.testing.assert_array_equal(t.q, np.rint(want_w[name] / t.scale * k))
 
 
-def test_file_size_matches_formula(runs, tmp_path):
-  cfg, _, scheme, variables = runs["finetune"]
-  path = str(tmp_path / "model.bsq")
-  stats = export.export_model(path, cfg, "finetune", scheme, variables)
+def test_file_size_matches_formula(runs):
+  run = runs("finetune")
+  scheme, variables, stats, path = run.scheme, run.variables, run.stats, \
+      run.path
   acc = sch.account(variables["params"], scheme)
   quantized = {p for p, _ in sch.quantized(variables["params"])}
   floats = sum(int(np.size(v)) for c in variables
@@ -184,11 +205,8 @@ def test_file_size_matches_formula(runs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def good_file(runs, tmp_path_factory):
-  cfg, _, scheme, variables = runs["bsq"]
-  path = str(tmp_path_factory.mktemp("good") / "model.bsq")
-  export.export_model(path, cfg, "bsq", scheme, variables)
-  with open(path, "rb") as f:
+def good_file(runs):
+  with open(runs("bsq").path, "rb") as f:
     return f.read()
 
 
@@ -252,19 +270,22 @@ def test_missing_file_is_refused(tmp_path):
 @pytest.mark.parametrize("mode", ["bsq", "finetune"])
 def test_inspect_run_and_file_agree_with_accounting(runs, mode, tmp_path,
                                                     capsys):
-  cfg, _, scheme, variables = runs[mode]
+  r = runs(mode)
+  cfg, scheme, variables, path, stats = r.cfg, r.scheme, r.variables, \
+      r.path, r.stats
   acc = sch.account(variables["params"], None if mode == "bsq" else scheme)
   run = inspect_model.inspect_variables(cfg, mode, scheme, variables)
-  path = str(tmp_path / "model.bsq")
-  stats = export.export_model(path, cfg, mode, scheme, variables)
   packed = inspect_model.inspect_file(path)
   for report in (run, packed):
     assert report.total_params == acc.total_params
     assert report.total_bits == acc.total_bits
     assert report.average_bits == pytest.approx(acc.average_bits)
     assert report.compression == pytest.approx(acc.compression)
-    assert [r.path for r in report.rows] == [
-        p for p, _ in sch.quantized(variables["params"])]
+    paths = [r.path for r in report.rows]  # network order
+    assert paths[0] == "conv1/kernel" and paths[-2:] == ["fc/kernel",
+                                                         "fc/bias"]
+    assert paths.index("layer1_0/conv2/kernel") < paths.index(
+        "layer2_0/conv1/kernel")
     assert {r.path: r.bits for r in report.rows} == scheme
     assert report.float32_bytes == stats.float32_bytes
   assert run.rows == packed.rows  # the same table from both sources
@@ -293,7 +314,8 @@ def test_inspect_run_and_file_agree_with_accounting(runs, mode, tmp_path,
 
 
 def test_export_refuses_inconsistent_input(runs, tmp_path):
-  cfg, _, scheme, variables = runs["finetune"]
+  run = runs("finetune")
+  cfg, scheme, variables = run.cfg, run.scheme, run.variables
   path = str(tmp_path / "x.bsq")
   with pytest.raises(export.ExportError, match="needs the scheme"):
     export.export_model(path, cfg, "finetune", None, variables)
@@ -302,4 +324,13 @@ def test_export_refuses_inconsistent_input(runs, tmp_path):
                         variables)
   with pytest.raises(export.ExportError, match="mode"):
     export.export_model(path, cfg, "float", scheme, variables)
+  with pytest.raises(export.ExportError, match="expected Levels"):
+    export.export_model(path, cfg, "finetune", scheme,
+                        runs("bsq").variables)
+  with pytest.raises(export.ExportError, match="do not match the model"):
+    export.export_model(path, dict(cfg, width=8), "finetune", scheme,
+                        variables)
+  with pytest.raises(export.ExportError, match="cannot build the model"):
+    export.export_model(path, dict(cfg, depth=9), "finetune", scheme,
+                        variables)
   assert not os.path.exists(path)
