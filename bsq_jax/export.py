@@ -31,7 +31,9 @@ All integers are little-endian. Offsets are in bytes.
     20+H    P     payload: the tensors' bytes, back to back, no padding
 
 The file is exactly 20 + H + P bytes long; anything else is a truncated or
-damaged file.
+damaged file. A reader checks the magic and the version first (a later
+version may change everything after byte 12), then the header CRC, then the
+payload's length and SHA-256.
 
 The header object has these keys:
 
@@ -39,11 +41,13 @@ The header object has these keys:
 - ``model_config``: the model config dict `build_model` takes.
 - ``mode``: the mode the network was trained in, "bsq" or "finetune" (for
   information: both are stored the same way).
-- ``scheme``: {tensor path: precision} for every quantized tensor.
+- ``scheme``: {tensor path: precision} for every quantized tensor, in
+  network order.
 - ``payload_bytes``: P.  ``payload_sha256``: hex SHA-256 of the payload.
 - ``accounting``: {total_params, total_bits, average_bits, compression}, the
   paper's numbers (spec section 9), for information.
-- ``tensors``: a list, in payload order, of objects
+- ``tensors``: a list, in payload order (the network's order: the order in
+  which the model creates its variables, "params" first), of objects
   {collection, path, kind, shape, bits, offset, length}: ``collection`` is
   the Flax variable collection ("params", "batch_stats"), ``path`` the
   "/"-joined path inside it ("layer1_0/conv1/kernel"), ``offset`` counts from
@@ -68,7 +72,9 @@ levels of BSQ's n-bit weight. (The sign bit of a zero magnitude records the
 sign of the float zero the network computed, -0.0 or 0.0; a reader may ignore
 it.) A tensor of precision 0 is all zero: it has its 4 scale bytes and no
 weight bits (length 4). The weight is w = s * q / K(n) (float32: XLA
-evaluates q * float32(1/K(n)), then times s); precision 0 gives w = 0 * s.
+evaluates q * float32(1/K(n)), then times s; inside a fused computation it
+may reassociate, so a numpy reader agrees to within an ulp and `load_model` is
+the bit-exact route); precision 0 gives w = 0 * s.
 
 Sizes. The paper counts n bits per weight (compression = 32 TP / TB). The file
 needs n+1 bits per weight (the sign), the scales, the float parts and the
@@ -83,7 +89,12 @@ Errors: a missing, truncated, corrupt (CRC / SHA-256 mismatch), wrong-magic
 or wrong-version file raises `ExportError` (a ValueError) with a one-line
 message naming the file and what was expected.
 
+API: `export_model` -> `ExportStats`; `read_packed` -> `PackedModel` (numpy
+only); `load_model` -> (Flax model, variables); `formula_bytes`.
+
 CLI:  python -m bsq_jax.export --workdir DIR [--stage finetune|bsq] --out FILE
+(the run is read with `bsq_jax.checkpoint.load_result`; the stage defaults to
+the last finished of finetune, bsq).
 """
 
 from __future__ import annotations
@@ -93,13 +104,11 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import struct
 import sys
 import zlib
-from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence,
-                    Tuple)
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 

@@ -3,8 +3,10 @@
 The report describes the weights the network uses, w = s * q / K(n) (spec
 section 2): for each quantized tensor its name, shape, precision n, scale s
 and, for each bit plane of |q| (MSB first), the percentage of weights whose
-bit is set (what the authors' release prints as bit sparsity); then the
-paper's totals (spec section 9: TP, TB, average bits, compression) and, for
+bit is set (the authors' release prints, per plane, the % of nonzero
+pos - neg: the same number once the planes are binary, as after every
+re-quantization; for continuous mid-training planes this report describes
+the weights the network rounds them to); then the paper's totals (spec section 9: TP, TB, average bits, compression) and, for
 an exported file, its real size.
 
 A training run (in memory or from its directory) and an exported file go
@@ -16,7 +18,8 @@ chart, in layer order) and a heat map of bit-plane density (layers x bit
 position). docs/inspect_bit_density_example_tiny_resnet8.png is such a heat
 map for a tiny random ResNet-8 (width 4), not a trained model.
 
-CLI:  python -m bsq_jax.inspect_model PATH_OR_WORKDIR [--stage S] [--plots OUTDIR]
+CLI:  python -m bsq_jax.inspect_model PATH_OR_WORKDIR [--stage S]
+                                        [--plots OUTDIR]
 (a file is read as a packed model file; a directory as a training run via
 `bsq_jax.checkpoint.load_result`).
 """
