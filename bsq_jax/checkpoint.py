@@ -1,0 +1,160 @@
+"""Per-stage orbax checkpoints with the scheme, stage and config beside them.
+
+Layout: ``<workdir>/<stage>/checkpoints/<epoch>/{state,meta}``. `state` holds
+params, batch_stats and opt_state; `meta` is JSON: stage, epoch, mode, scheme,
+model config, whether the stage finished, and anything else the loop needs to
+resume exactly (e.g. the budget controller). A restore reads `meta` first and
+rebuilds the abstract tree from the scheme, so shapes always match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from bsq_jax import optim
+from bsq_jax.layers import Quant, freeze_scheme
+from bsq_jax.models import build_model, input_shape
+from bsq_jax.step import TrainState
+
+STAGE_ORDER = ("pretrain", "convert", "bsq", "finetune", "scratch")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used here (other model, corrupt, missing)."""
+
+
+@dataclasses.dataclass
+class Result:
+  """What a stage left behind: enough to rebuild its model and variables."""
+  stage: str
+  epoch: int
+  meta: Dict[str, Any]
+  state: Any  # step.TrainState-like tree: params, batch_stats, opt_state
+
+  @property
+  def model_config(self) -> Dict[str, Any]:
+    return self.meta["model_config"]
+
+  @property
+  def mode(self) -> str:
+    return self.meta["mode"]
+
+  @property
+  def scheme(self) -> Optional[Dict[str, int]]:
+    return self.meta.get("scheme")
+
+  @property
+  def variables(self) -> Dict[str, Any]:
+    return {"params": self.state.params,
+            "batch_stats": self.state.batch_stats}
+
+
+class StageCheckpoints:
+  """The CheckpointManager of one stage of one run."""
+
+  def __init__(self, workdir: str, stage: str, max_to_keep: int = 3,
+               read_only: bool = False):
+    self.stage = stage
+    self.directory = os.path.abspath(os.path.join(workdir, stage, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only,
+        enable_async_checkpointing=not read_only, read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "meta"))
+
+  def latest_epoch(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, epoch: int, state: Any, meta: Dict[str, Any]) -> None:
+    """Asynchronous; call `wait` before reading it back or exiting."""
+    meta = dict(meta, stage=self.stage, epoch=epoch)
+    self.manager.save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def meta(self, epoch: int) -> Dict[str, Any]:
+    try:
+      return self.manager.restore(epoch, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises several types for unreadable files
+      raise CheckpointError(f"{self.directory}/{epoch}: unreadable metadata "
+                            f"({type(e).__name__}: {e})") from e
+
+  def restore(self, epoch: int, abstract_state_fn: Callable[[Dict], Any]
+              ) -> Result:
+    """Reads meta, builds the abstract state from it, then the arrays."""
+    meta = self.meta(epoch)
+    abstract = abstract_state_fn(meta)
+    try:
+      state = self.manager.restore(epoch, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:
+      raise CheckpointError(f"{self.directory}/{epoch}: cannot restore arrays "
+                            f"({type(e).__name__}: {str(e)[:200]})") from e
+    return Result(self.stage, epoch, meta, state)
+
+  def finished(self) -> bool:
+    epoch = self.latest_epoch()
+    return epoch is not None and bool(self.meta(epoch).get("finished"))
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def finished_stages(workdir: str) -> list:
+  """Stages of a run whose final checkpoint is written, in pipeline order."""
+  done = []
+  for stage in STAGE_ORDER:
+    if os.path.isdir(os.path.join(workdir, stage, "checkpoints")):
+      ck = StageCheckpoints(workdir, stage, read_only=True)
+      if ck.latest_epoch() is not None and ck.finished():
+        done.append(stage)
+  return done
+
+
+def load_result(workdir: str, stage: Optional[str] = None) -> Result:
+  """A finished stage's result; by default the last of finetune, bsq.
+
+  Rebuilds the abstract state from the stored model config and scheme, so it
+  needs nothing but the workdir.
+  """
+  if not os.path.isdir(workdir):
+    raise CheckpointError(f"--workdir {workdir}: no such run folder")
+  done = finished_stages(workdir)
+  if stage is None:
+    picks = [s for s in ("finetune", "bsq") if s in done]
+    if not picks:
+      raise CheckpointError(f"{workdir}: no finished bsq or finetune stage "
+                            f"(finished: {done or 'none'})")
+    stage = picks[0]
+  elif stage not in done:
+    raise CheckpointError(f"{workdir}: stage {stage!r} has not finished "
+                          f"(finished: {done or 'none'})")
+  ck = StageCheckpoints(workdir, stage, read_only=True)
+  return ck.restore(ck.latest_epoch(), abstract_state)
+
+
+def abstract_state(meta: Dict[str, Any]) -> Any:
+  """Shapes of a stage's TrainState, from its checkpoint metadata alone."""
+  model = build_model(meta["model_config"],
+                      Quant(meta["mode"], freeze_scheme(meta.get("scheme"))))
+  sample = jax.numpy.zeros((1,) + input_shape(meta["model_config"]))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), sample))
+  # Hyperparameter values don't shape the optimizer state.
+  opt_state = jax.eval_shape(optim.make_optimizer(1.0).init,
+                             variables["params"])
+  return abstract_of(TrainState(variables["params"],
+                                variables.get("batch_stats", {}), opt_state))
+
+
+def abstract_of(tree: Any) -> Any:
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

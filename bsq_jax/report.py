@@ -1,0 +1,155 @@
+"""What a person reads: progress with ETA, a JSON-lines metrics file,
+TensorBoard scalars, per-layer precision after a host pass, and the summary
+table with the paper's columns. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import jax
+from absl import logging
+
+SUMMARY_COLUMNS = ("stage", "average bits", "compression", "test accuracy")
+
+
+class _DropLibraryChatter:
+  """Keeps orbax's per-save INFO lines out of the run log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
+def quiet_libraries() -> None:
+  logging.get_absl_handler().addFilter(_DropLibraryChatter())
+
+
+def is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+class Progress:
+  """A tqdm bar on a terminal; plain log lines (every ~10%) otherwise."""
+
+  def __init__(self, total: int, desc: str):
+    self.total, self.desc, self.done = total, desc, 0
+    self.start = time.time()
+    self.bar = None
+    self._next_line = 0.0
+    if is_writer() and sys.stderr.isatty():
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      self.bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+
+  def update(self, steps: int, **values: float) -> None:
+    self.done += steps
+    shown = {k: f"{v:.4g}" for k, v in values.items()}
+    if self.bar is not None:
+      self.bar.update(steps)
+      self.bar.set_postfix(shown, refresh=False)
+    elif is_writer() and self.done / self.total >= self._next_line:
+      elapsed = time.time() - self.start
+      eta = elapsed / self.done * (self.total - self.done)
+      logging.info("%s %d/%d steps, eta %.0fs, %s", self.desc, self.done,
+                   self.total, eta, " ".join(f"{k}={v}" for k, v in shown.items()))
+      self._next_line = self.done / self.total + 0.1
+
+  def close(self) -> float:
+    if self.bar is not None:
+      self.bar.close()
+    return time.time() - self.start
+
+
+class MetricsLog:
+  """metrics.jsonl (one record per epoch) plus TensorBoard scalars."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    self._tb_dir = os.path.join(workdir, "tensorboard")
+
+  def forget_after(self, stage: str, epoch: int) -> None:
+    """Drops records of `stage` past `epoch`: a resumed run redoes them."""
+    if not (is_writer() and os.path.exists(self.path)):
+      return
+    kept = [r for r in self.records()
+            if not (r.get("stage") == stage and r.get("epoch", -1) > epoch)]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, self.path)
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    if not is_writer():
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    self._scalars(record)
+
+  def _scalars(self, record: Mapping[str, Any]) -> None:
+    try:
+      if self._tb is None:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        self._tb = SummaryWriter(self._tb_dir)
+    except ImportError:
+      return
+    step = record.get("global_epoch", record.get("epoch", 0))
+    for key, value in record.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        self._tb.add_scalar(f"{record.get('stage', 'run')}/{key}", value, step)
+    self._tb.flush()
+
+  def records(self) -> List[Dict[str, Any]]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def precision_line(bits: Mapping[str, int]) -> str:
+  """'conv1=8 layer1_0/conv1=6 ...' with the '/kernel' suffix dropped."""
+  return " ".join(f"{k.removesuffix('/kernel')}={v}" for k, v in bits.items())
+
+
+def summary_rows(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+  """The last record of each stage, in run order."""
+  last: Dict[str, Mapping[str, Any]] = {}
+  for r in records:
+    last[r["stage"]] = r
+  return [{"stage": s, "average bits": r.get("average_bits"),
+           "compression": r.get("compression"),
+           "test accuracy": r.get("test_accuracy")} for s, r in last.items()]
+
+
+def _cell(v: Any) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.4f}" if v < 1 else f"{v:.2f}"
+  return str(v)
+
+
+def markdown_table(rows: List[Mapping[str, Any]],
+                   columns=SUMMARY_COLUMNS) -> str:
+  lines = ["| " + " | ".join(columns) + " |",
+           "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |"
+            for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def write_summary(workdir: str, records: List[Mapping[str, Any]],
+                  command: Optional[str] = None) -> str:
+  table = markdown_table(summary_rows(records))
+  if is_writer():
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+      if command:
+        f.write(f"Command: `{command}`\n\n")
+      f.write(table)
+  return table

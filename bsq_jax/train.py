@@ -1,0 +1,323 @@
+"""The paper's pipeline as resumable stages (spec section 10).
+
+    pretrain  float training
+    convert   float (or a PyTorch checkpoint, `convert.init_from`) -> planes
+    bsq       BSQ training, host pass every `requant_interval` epochs
+    finetune  the final scheme fixed, float c per layer
+    scratch   the float model at BSQ's scheme, finetuned the same way
+
+Each stage checkpoints every epoch under `<workdir>/<stage>/` and finds its
+input in the previous stage's final checkpoint. A finished stage is skipped
+on a rerun; an unfinished one resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from bsq_jax import config_check
+from bsq_jax import optim
+from bsq_jax import report
+from bsq_jax import scheme as sch
+from bsq_jax.checkpoint import (CheckpointError, Result, StageCheckpoints,
+                                abstract_state)
+from bsq_jax.data import load_dataset
+from bsq_jax.epoch import AXIS, DeviceData, Trainer, check_batch, put_dataset
+from bsq_jax.layers import Quant, freeze_scheme
+from bsq_jax.models import build_model, input_shape
+from bsq_jax.step import TrainState
+
+
+class Diverged(RuntimeError):
+  """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def lr_at(sched, epoch: int) -> float:
+  """Piecewise constant: lr * 0.1 per milestone reached (spec section 5)."""
+  return sched.lr * 0.1**sum(epoch >= m for m in sched.lr_milestones)
+
+
+class Run:
+  """One pipeline run: config, workdir, data on device, compiled trainers."""
+
+  def __init__(self, config, workdir: str, command: Optional[str] = None):
+    config_check.check(config)
+    check_batch(config.batch_size, jax.local_device_count())
+    check_batch(config.eval_batch_size, jax.local_device_count())
+    self.config, self.workdir, self.command = config, workdir, command
+    self.model_cfg = config.model.to_dict()
+    self._claim_workdir()
+    ds = load_dataset(config.data)
+    self._check_data(ds)
+    self.train = put_dataset(ds.train_images, ds.train_labels, ds.mean, ds.std)
+    self.test = put_dataset(ds.test_images, ds.test_labels, ds.mean, ds.std)
+    self.metrics = report.MetricsLog(workdir)
+    self.sample = jnp.zeros((1,) + input_shape(self.model_cfg), jnp.float32)
+    self._trainers: Dict[Any, Tuple[Trainer, Any]] = {}
+
+  # -- set-up checks ----------------------------------------------------------
+
+  def _identity(self) -> Dict[str, Any]:
+    """What must match for a workdir's checkpoints to belong to this run."""
+    return {"model": self.model_cfg, "data": self.config.data.name,
+            "seed": self.config.seed}
+
+  def _claim_workdir(self) -> None:
+    path = os.path.join(self.workdir, "run.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        held = json.load(f)
+      if held != json.loads(json.dumps(self._identity())):
+        diff = [k for k in self._identity() if held.get(k) != self._identity()[k]]
+        raise CheckpointError(
+            f"--workdir {self.workdir} holds a run of another "
+            f"{'/'.join(diff)} ({path}); use a new --workdir")
+      return
+    if report.is_writer():
+      os.makedirs(self.workdir, exist_ok=True)
+      with open(path, "w") as f:
+        json.dump(self._identity(), f, indent=1)
+
+  def _check_data(self, ds) -> None:
+    shape = input_shape(self.model_cfg)
+    if ds.num_classes != self.model_cfg["num_classes"]:
+      raise config_check.ConfigError(
+          f"config.model.num_classes: {self.model_cfg['num_classes']} does not "
+          f"match {ds.name}'s {ds.num_classes} classes")
+    if ds.train_images.shape[1:] != shape:
+      raise config_check.ConfigError(
+          f"config.model.channels/image_size: the model takes {shape} images, "
+          f"{ds.name} has {ds.train_images.shape[1:]}")
+    if len(ds.train_labels) < self.config.batch_size:
+      raise config_check.ConfigError(
+          f"config.batch_size: {self.config.batch_size} is larger than the "
+          f"{len(ds.train_labels)} training images")
+
+  # -- models and trainers ----------------------------------------------------
+
+  def model(self, mode: str, scheme=None, axis_name=None):
+    return build_model(self.model_cfg, Quant(mode, freeze_scheme(scheme)),
+                       axis_name)
+
+  def trainer(self, mode: str, scheme, params, sched, alpha: float
+              ) -> Tuple[Trainer, Any]:
+    """The compiled trainer for (mode, scheme): one compile per scheme."""
+    key = (mode, tuple(sorted((scheme or {}).items())))
+    if key not in self._trainers:
+      tp = sch.account(params, scheme if mode == "finetune" else None
+                       ).total_params if mode != "float" else 1
+      tx = optim.make_optimizer(sched.lr, alpha, sched.weight_decay,
+                                sched.momentum, tp)
+      trainer = Trainer(self.model(mode, scheme, AXIS), tx, sch.roles(params),
+                        tp, self.config.batch_size, self.config.eval_batch_size,
+                        self.config.data.augment)
+      self._trainers[key] = (trainer, tx)
+    return self._trainers[key]
+
+  # -- records ----------------------------------------------------------------
+
+  def accounting(self, mode: str, params, scheme) -> Dict[str, Any]:
+    if mode == "float":
+      return {"average_bits": 32.0, "compression": 1.0}
+    acc = sch.account(params, scheme if mode == "finetune" else None)
+    return {"average_bits": acc.average_bits, "compression": acc.compression,
+            "bits": acc.bits}
+
+  def evaluate(self, trainer: Trainer, state: TrainState) -> Dict[str, float]:
+    return trainer.evaluate(state, self.test)
+
+  # -- the stage loop ---------------------------------------------------------
+
+  def train_stage(self, stage: str, mode: str, start: Result, sched,
+                  alpha: float = 0.0, host_pass: bool = False) -> Result:
+    ck = StageCheckpoints(self.workdir, stage)
+    latest = ck.latest_epoch()
+    if latest is not None:
+      result = ck.restore(latest, abstract_state)
+      if result.meta.get("finished"):
+        logging.info("stage %s: finished at epoch %d; skipping", stage, latest)
+        ck.close()
+        return result
+      logging.info("stage %s: resuming after epoch %d", stage, latest)
+      self.metrics.forget_after(stage, latest)
+      state, scheme, first = result.state, result.scheme, latest
+    else:
+      state, scheme, first = start.state, start.scheme, 0
+    state = self._fresh_momentum(mode, scheme, state, sched, alpha)[0] \
+        if latest is None else state
+    epochs = sched.epochs
+    interval = self.config.bsq.requant_interval
+    for epoch in range(first, epochs):
+      if host_pass and epoch % interval == 0:
+        state, scheme = self.host_pass(stage, state, sched, alpha, epoch)
+      trainer, tx = self.trainer(mode, scheme, state.params, sched, alpha)
+      state = state._replace(opt_state=optim.set_hyperparams(
+          state.opt_state, learning_rate=lr_at(sched, epoch), alpha=alpha))
+      state, train_metrics = self._epoch(stage, trainer, state, epoch)
+      finished = epoch + 1 == epochs
+      if host_pass and finished:  # the final re-quantization (section 6)
+        state, scheme = self.host_pass(stage, state, sched, alpha, epochs)
+        trainer, _ = self.trainer(mode, scheme, state.params, sched, alpha)
+      record = dict(stage=stage, epoch=epoch + 1, lr=lr_at(sched, epoch),
+                    alpha=alpha, **train_metrics, **self.evaluate(trainer, state),
+                    **self.accounting(mode, state.params, scheme))
+      self._log_epoch(record)
+      ck.save(epoch + 1, state, self._meta(mode, scheme, alpha, finished))
+    if epochs == 0:
+      ck.save(epochs, state, self._meta(mode, scheme, alpha, True))
+    ck.close()
+    return Result(stage, epochs, self._meta(mode, scheme, alpha, True), state)
+
+  def _meta(self, mode, scheme, alpha, finished) -> Dict[str, Any]:
+    return {"mode": mode, "scheme": scheme, "alpha": alpha,
+            "finished": finished, "model_config": self.model_cfg}
+
+  def _fresh_momentum(self, mode, scheme, state, sched, alpha):
+    """Optimizer state reset: new shapes after a host pass, or a new stage."""
+    trainer, tx = self.trainer(mode, scheme, state.params, sched, alpha)
+    return state._replace(opt_state=tx.init(state.params)), trainer
+
+  def host_pass(self, stage, state, sched, alpha, epoch):
+    """Section 6: requantize every layer, reset momentum, log the scheme."""
+    params, scheme = sch.requantize_params(jax.device_get(state.params),
+                                           self.config.bsq.max_bits)
+    state = state._replace(params=params)
+    state = self._fresh_momentum("bsq", scheme, state, sched, alpha)[0]
+    acc = sch.account(params)
+    logging.info("%s epoch %d host pass: %.3f average bits, %.2fx | %s", stage,
+                 epoch, acc.average_bits, acc.compression,
+                 report.precision_line(scheme))
+    return state, scheme
+
+  def _epoch(self, stage, trainer: Trainer, state, epoch):
+    steps = trainer.steps_per_epoch(self.train)
+    progress = report.Progress(steps, f"{stage} epoch {epoch + 1}")
+    totals, done = {}, 0
+    for state, n, sums in trainer.train_epoch(state, self.train,
+                                              self.config.seed, epoch,
+                                              self.config.chunk_steps):
+      sums = jax.device_get(sums)
+      if not all(math.isfinite(float(v)) for v in sums.values()):
+        raise Diverged(f"stage {stage}: loss became {float(sums['loss'])} in "
+                       f"epoch {epoch + 1}, steps {done + 1}-{done + n}; the "
+                       f"last good checkpoint (epoch {epoch}) is kept")
+      totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+      done += n
+      progress.update(n, loss=totals["loss"] / done,
+                      acc=totals["accuracy"] / done)
+    seconds = progress.close()
+    return state, {"train_loss": totals["loss"] / done,
+                   "train_accuracy": totals["accuracy"] / done,
+                   "penalty": totals["penalty"] / done,
+                   "epoch_seconds": seconds, "steps": done}
+
+  def _log_epoch(self, record: Dict[str, Any]) -> None:
+    self.metrics.write(record)
+    logging.info("%s epoch %d: loss %.4f, test accuracy %.4f, %.3f bits (%.2fx)"
+                 ", %.1fs", record["stage"], record["epoch"],
+                 record.get("train_loss", float("nan")),
+                 record["test_accuracy"], record["average_bits"],
+                 record["compression"], record.get("epoch_seconds", 0.0))
+
+  # -- stages -----------------------------------------------------------------
+
+  def result_of(self, stage: str) -> Result:
+    """The final checkpoint of an earlier stage, which must have finished."""
+    ck = StageCheckpoints(self.workdir, stage, read_only=True)
+    epoch = ck.latest_epoch()
+    if epoch is None or not ck.finished():
+      raise CheckpointError(f"config.stages: stage {stage!r} has not finished "
+                            f"in {self.workdir}; run it first (add it to "
+                            f"config.stages)")
+    return ck.restore(epoch, abstract_state)
+
+  def pretrain(self) -> Result:
+    model = self.model("float")
+    # One compiled init: eager init compiles every initializer separately.
+    variables = jax.jit(model.init)(jax.random.key(self.config.seed),
+                                    self.sample)
+    start = Result("init", 0, self._meta("float", None, 0.0, True),
+                   TrainState(variables["params"], variables["batch_stats"], ()))
+    return self.train_stage("pretrain", "float", start, self.config.pretrain)
+
+  def convert(self) -> Result:
+    ck = StageCheckpoints(self.workdir, "convert")
+    if ck.finished():
+      ck.close()
+      return self.result_of("convert")
+    if self.config.convert.init_from:
+      source = self._torch_start(self.config.convert.init_from)
+    else:
+      source = self.result_of("pretrain")
+    scheme = sch.uniform_scheme(self.model("float"), self.sample,
+                                self.config.convert.bits)
+    params = sch.float_to_bsq(jax.device_get(source.state.params), scheme)
+    state = TrainState(params, jax.device_get(source.state.batch_stats), ())
+    state, trainer = self._fresh_momentum("bsq", scheme, state,
+                                          self.config.bsq, 0.0)
+    record = dict(stage="convert", epoch=0, **self.evaluate(trainer, state),
+                  **self.accounting("bsq", params, scheme))
+    self._log_epoch(record)
+    ck.save(0, state, self._meta("bsq", scheme, 0.0, True))
+    ck.close()
+    return Result("convert", 0, self._meta("bsq", scheme, 0.0, True), state)
+
+  def _torch_start(self, path: str) -> Result:
+    from bsq_jax import pretrained  # pylint: disable=import-outside-toplevel
+    if not os.path.exists(path):
+      raise config_check.ConfigError(f"config.convert.init_from: {path} does "
+                                     f"not exist")
+    _, variables = pretrained.load_torch_resnet(
+        pretrained.read_torch_checkpoint(path), self.model_cfg["depth"],
+        self.model_cfg["num_classes"], self.model_cfg["act_bits"])
+    return Result("init_from", 0, self._meta("float", None, 0.0, True),
+                  TrainState(variables["params"], variables["batch_stats"], ()))
+
+  def bsq(self) -> Result:
+    alpha = self.config.bsq.alpha
+    alpha = self.config.bsq.default_alpha if alpha is None else alpha
+    return self.train_stage("bsq", "bsq", self.result_of("convert"),
+                            self.config.bsq, alpha, host_pass=True)
+
+  def _finetune_from(self, stage: str, params, batch_stats) -> Result:
+    ft_params, ft_scheme = sch.bsq_to_finetune(params)
+    start = Result(stage, 0, self._meta("finetune", ft_scheme, 0.0, False),
+                   TrainState(ft_params, batch_stats, ()))
+    return self.train_stage(stage, "finetune", start, self.config.finetune)
+
+  def finetune(self) -> Result:
+    src = self.result_of("bsq")
+    return self._finetune_from("finetune", jax.device_get(src.state.params),
+                               jax.device_get(src.state.batch_stats))
+
+  def scratch(self) -> Result:
+    """The float model at the scheme BSQ found (finetune's), finetuned alike."""
+    target = sch.bsq_to_finetune(jax.device_get(
+        self.result_of("bsq").state.params))[1]
+    source = self.result_of("pretrain")
+    params = sch.float_to_bsq(jax.device_get(source.state.params), target)
+    return self._finetune_from("scratch", params,
+                               jax.device_get(source.state.batch_stats))
+
+  def run(self) -> str:
+    for stage in config_check.stages_of(self.config):
+      logging.info("stage %s", stage)
+      getattr(self, stage)()
+    table = report.write_summary(self.workdir, self.metrics.records(),
+                                 self.command)
+    self.metrics.close()
+    return table
+
+
+def train_and_evaluate(config, workdir: str, command: Optional[str] = None) -> str:
+  """Runs the config's stages in `workdir`; returns the summary table."""
+  return Run(config, workdir, command).run()

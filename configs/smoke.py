@@ -1,0 +1,30 @@
+"""A tiny end-to-end run of every stage on synthetic data (< 1 minute, 2 CPUs).
+
+    python main.py --config=configs/smoke.py
+
+ResNet-8 with 4 stem channels, 2 epochs per stage, a host pass every epoch
+and a large alpha, so that the precision visibly moves in seconds.
+"""
+
+from configs import cifar_resnet20
+
+
+def get_config():
+  c = cifar_resnet20.get_config()
+  c.stages = "pretrain,convert,bsq,finetune,scratch"
+  c.batch_size = 64
+  c.eval_batch_size = 128
+  c.chunk_steps = 8
+  c.model.depth = 8
+  c.model.width = 8
+  c.data.name = "synthetic"
+  c.data.synthetic_train = 1024
+  c.data.synthetic_test = 256
+  for stage in (c.pretrain, c.bsq, c.finetune):
+    stage.epochs = 2
+    stage.lr_milestones = (1,)
+  c.pretrain.epochs = 3
+  c.pretrain.lr_milestones = ()
+  c.bsq.requant_interval = 1
+  c.bsq.alpha = 2.0
+  return c

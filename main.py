@@ -1,0 +1,49 @@
+"""Runs a BSQ pipeline from a config:
+
+    python main.py --config=configs/cifar_resnet20.py [--workdir=DIR]
+                   [--config.bsq.alpha=0.01]
+
+Thin on purpose: flags, devices, then `bsq_jax.train.train_and_evaluate`.
+"""
+
+import os
+import shlex
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run folder; default workdirs/<config "
+                    "file name>.")
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir(config_path: str) -> str:
+  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  return os.path.join("workdirs", name)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Hide accelerators from TensorFlow (tfds uses it only to read files).
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  import jax  # pylint: disable=import-outside-toplevel
+  from bsq_jax import errors, report, train  # pylint: disable=import-outside-toplevel
+  report.quiet_libraries()
+
+  workdir = FLAGS.workdir or default_workdir(
+      config_flags.get_config_filename(FLAGS["config"]))
+  logging.info("process %d of %d; local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  logging.info("workdir %s; config:\n%s", workdir, FLAGS.config)
+  command = " ".join(shlex.quote(a) for a in sys.argv)
+  with errors.one_line():
+    print(train.train_and_evaluate(FLAGS.config, workdir, command))
+
+
+if __name__ == "__main__":
+  app.run(main)
