@@ -142,8 +142,9 @@ def test_load_resnet50_state_dict_with_pact_activations():
                         jnp.zeros((1, 32, 32, 3)))
   model, variables = pretrained.load_torchvision_resnet50(sd, act_bits=2)
   p = variables["params"]
-  np.testing.assert_array_equal(p["layer3_1"]["conv2"]["kernel"],
-                                sd["layer3.1.conv2.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      p["layer3_1"]["conv2"]["kernel"],
+      sd["layer3.1.conv2.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(p["fc"]["kernel"], sd["fc.weight"].T)
   np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["var"],
                                 sd["bn1.running_var"])

@@ -65,8 +65,8 @@ def _tf():
 
 def check_manual_dir(manual_dir: Optional[str]) -> None:
   """Raises a one-line ValueError unless both ILSVRC 2012 tars are there."""
-  missing = [f for f in MANUAL_FILES
-             if not manual_dir or not os.path.isfile(os.path.join(manual_dir, f))]
+  missing = [f for f in MANUAL_FILES if not manual_dir or
+             not os.path.isfile(os.path.join(manual_dir, f))]
   if missing:
     raise ValueError(
         f"ImageNet is not prepared and data.manual_dir={manual_dir!r} lacks "
@@ -98,7 +98,8 @@ def preprocess_train(image_bytes, seed, image_size: int):
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
       seed=crop_seed, min_object_covered=0.1, aspect_ratio_range=CROP_ASPECT,
-      area_range=CROP_AREA, max_attempts=10, use_image_if_no_bounding_boxes=True)
+      area_range=CROP_AREA, max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
   y, x, _ = tf.unstack(begin)
   h, w, _ = tf.unstack(size)
   image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, h, w]),

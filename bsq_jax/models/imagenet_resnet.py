@@ -1,4 +1,4 @@
-"""ImageNet ResNet-50 in torchvision's layout (v1.5), built from quantized layers.
+"""ImageNet ResNet-50 in torchvision's layout (v1.5), from quantized layers.
 
 Module names mirror torchvision's so that a state_dict maps name for name:
 ``conv1``/``bn1`` (stem), ``layer{1..4}_{i}/conv{1,2,3}``, ``.../bn{1,2,3}``,
@@ -120,7 +120,8 @@ def memory_bytes(model_cfg: Mapping[str, Any], mode: str,
   and XLA temporaries are not included.
   """
   # Imported here: bsq_jax.models imports this module.
-  from bsq_jax.models import build_model, input_shape  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from bsq_jax.models import build_model, input_shape
   model = build_model(model_cfg, Quant(mode, None, bits))
   x = jax.ShapeDtypeStruct((1,) + input_shape(model_cfg), jnp.float32)
   shapes = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), x)

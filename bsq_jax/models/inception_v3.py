@@ -72,7 +72,7 @@ def _pair(v) -> Tuple[int, int]:
 
 
 class BasicConv2d(nn.Module):
-  """torchvision's BasicConv2d: conv (no bias), BN (eps 1e-3), (quantized) ReLU."""
+  """torchvision's BasicConv2d: conv (no bias), BN (eps 1e-3), ReLU (-> q)."""
   features: int
   kernel_size: Sequence[int]
   quant: Quant
@@ -116,8 +116,9 @@ class _Block(nn.Module):
 
   def conv(self, name: str, c: int, k, train: bool, strides: int = 1,
            padding=0, **kw) -> Callable:
-    m = BasicConv2d(_channels(c, self.width_mult), k, self.quant, self.act_bits, self.axis_name,
-                    strides, padding, name=name, **kw)
+    m = BasicConv2d(_channels(c, self.width_mult), k, self.quant,
+                    self.act_bits, self.axis_name, strides, padding,
+                    name=name, **kw)
     return lambda x: m(x, train)
 
 
