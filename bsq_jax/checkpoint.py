@@ -62,8 +62,9 @@ class StageCheckpoints:
     self.stage = stage
     self.directory = os.path.abspath(os.path.join(workdir, stage, "checkpoints"))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only,
-        enable_async_checkpointing=not read_only, read_only=read_only)
+        max_to_keep=None if read_only else max_to_keep, create=not read_only,
+        enable_async_checkpointing=not read_only, read_only=read_only,
+        save_interval_steps=0 if read_only else 1)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
 

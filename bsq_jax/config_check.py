@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from bsq_jax import budget
+
 STAGES = ("pretrain", "convert", "bsq", "finetune", "scratch")
 SCHEDULES = ("pretrain", "bsq", "finetune")
 
@@ -72,12 +74,12 @@ def check(config: Mapping[str, Any]) -> None:
   if config["bsq"]["alpha"] is not None:
     _number(config, "bsq.alpha", float, 0.0)
   _number(config, "bsq.default_alpha", float, 0.0)
-  if config["bsq"]["alpha"] is not None and (
-      config["bsq"]["target_bits"] or config["bsq"]["target_kbytes"]):
-    raise ConfigError("config.bsq.alpha: set either a fixed alpha or a size "
-                      "target (bsq.target_bits / bsq.target_kbytes), not both")
-  _number(config, "bsq.target_bits", float, 0.0, config["bsq"]["max_bits"])
+  _number(config, "bsq.target_bits", float, 0.0)
   _number(config, "bsq.target_kbytes", float, 0.0)
-  if config["bsq"]["target_bits"] and config["bsq"]["target_kbytes"]:
-    raise ConfigError("config.bsq.target_bits: set one of target_bits and "
-                      "target_kbytes, not both")
+  try:
+    budget.check_budget_fields(config["bsq"]["alpha"] is not None,
+                               config["bsq"]["target_bits"] or None,
+                               config["bsq"]["target_kbytes"] or None,
+                               config["bsq"]["max_bits"])
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from e

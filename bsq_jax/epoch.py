@@ -10,7 +10,7 @@ goes in and comes out with in_axes/out_axes=None.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Iterator, NamedTuple, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +35,16 @@ class DeviceData(NamedTuple):
     return self.labels.shape[0]
 
 
-def _replicated_sharding() -> NamedSharding:
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
+def _replicated_sharding(devices: Optional[Sequence] = None) -> NamedSharding:
+  devices = jax.local_devices() if devices is None else devices
+  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
   return NamedSharding(mesh, PartitionSpec())
 
 
-def put_dataset(images: np.ndarray, labels: np.ndarray, mean, std) -> DeviceData:
-  sharding = _replicated_sharding()
+def put_dataset(images: np.ndarray, labels: np.ndarray, mean, std,
+                devices: Optional[Sequence] = None) -> DeviceData:
+  """Copies a dataset once onto every device (default: all local devices)."""
+  sharding = _replicated_sharding(devices)
   return DeviceData(jax.device_put(images, sharding),
                     jax.device_put(labels.astype(np.int32), sharding),
                     tuple(mean), tuple(std))
@@ -68,13 +71,16 @@ class Trainer:
   """Compiled train/eval functions for one model (one scheme, one mode)."""
 
   def __init__(self, model, tx, roles, total_params: int, batch_size: int,
-               eval_batch_size: int, augment_data: bool = True):
-    self.devices = jax.local_device_count()
+               eval_batch_size: int, augment_data: bool = True,
+               devices: Optional[Sequence] = None):
+    self.device_list = list(jax.local_devices() if devices is None else devices)
+    self.devices = len(self.device_list)
     self.batch = batch_size
     self.per_device = check_batch(batch_size, self.devices)
     self.eval_batch = eval_batch_size
     self.eval_per_device = check_batch(eval_batch_size, self.devices)
     self.augment = augment_data
+    self.tx = tx
     self.train_step = make_train_step(model, tx, roles, total_params, AXIS)
     self.eval_step = make_eval_step(model, AXIS)
     self.traces = 0  # how often the train chunk was traced (tests read it)
@@ -82,9 +88,10 @@ class Trainer:
     self._lanes = np.arange(self.devices)
     self._chunk = jax.pmap(self._train_chunk, axis_name=AXIS,
                            in_axes=(0, None, None, None, None, None),
-                           out_axes=None)
+                           out_axes=None, devices=self.device_list)
     self._eval = jax.pmap(self._eval_chunk, axis_name=AXIS,
-                          in_axes=(0, None, None, None, None), out_axes=None)
+                          in_axes=(0, None, None, None, None), out_axes=None,
+                          devices=self.device_list)
 
   # -- traced ---------------------------------------------------------------
 
@@ -137,7 +144,7 @@ class Trainer:
                   ) -> Iterator[Tuple[TrainState, int, Dict[str, float]]]:
     """Yields (state, steps done, summed metrics) after every chunk."""
     # Inputs placed as the outputs come back, so call 1 and 2 share a trace.
-    state = jax.device_put(state, _replicated_sharding())
+    state = jax.device_put(state, _replicated_sharding(self.device_list))
     key = epoch_key(seed, epoch)
     order = jax.random.permutation(jax.random.fold_in(key, 0), data.size)
     total = self.steps_per_epoch(data)

@@ -17,13 +17,14 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from bsq_jax import budget
 from bsq_jax import config_check
 from bsq_jax import optim
 from bsq_jax import report
@@ -49,20 +50,24 @@ def lr_at(sched, epoch: int) -> float:
 class Run:
   """One pipeline run: config, workdir, data on device, compiled trainers."""
 
-  def __init__(self, config, workdir: str, command: Optional[str] = None):
+  def __init__(self, config, workdir: str, command: Optional[str] = None,
+               devices=None):
     config_check.check(config)
-    check_batch(config.batch_size, jax.local_device_count())
-    check_batch(config.eval_batch_size, jax.local_device_count())
+    self.devices = list(jax.local_devices() if devices is None else devices)
+    check_batch(config.batch_size, len(self.devices))
+    check_batch(config.eval_batch_size, len(self.devices))
     self.config, self.workdir, self.command = config, workdir, command
     self.model_cfg = config.model.to_dict()
-    self._claim_workdir()
     ds = load_dataset(config.data)
     self._check_data(ds)
-    self.train = put_dataset(ds.train_images, ds.train_labels, ds.mean, ds.std)
-    self.test = put_dataset(ds.test_images, ds.test_labels, ds.mean, ds.std)
+    self._claim_workdir()  # only once the run is known to be able to start
+    self.train = put_dataset(ds.train_images, ds.train_labels, ds.mean, ds.std,
+                             self.devices)
+    self.test = put_dataset(ds.test_images, ds.test_labels, ds.mean, ds.std,
+                            self.devices)
     self.metrics = report.MetricsLog(workdir)
     self.sample = jnp.zeros((1,) + input_shape(self.model_cfg), jnp.float32)
-    self._trainers: Dict[Any, Tuple[Trainer, Any]] = {}
+    self._trainers: Dict[Any, Trainer] = {}
 
   # -- set-up checks ----------------------------------------------------------
 
@@ -108,19 +113,21 @@ class Run:
     return build_model(self.model_cfg, Quant(mode, freeze_scheme(scheme)),
                        axis_name)
 
-  def trainer(self, mode: str, scheme, params, sched, alpha: float
-              ) -> Tuple[Trainer, Any]:
-    """The compiled trainer for (mode, scheme): one compile per scheme."""
+  def trainer(self, mode: str, scheme, params, sched) -> Trainer:
+    """The compiled trainer for (mode, scheme): one compile per scheme.
+
+    lr and alpha are injected per epoch, so they are not part of the key.
+    """
     key = (mode, tuple(sorted((scheme or {}).items())))
     if key not in self._trainers:
       tp = sch.account(params, scheme if mode == "finetune" else None
                        ).total_params if mode != "float" else 1
-      tx = optim.make_optimizer(sched.lr, alpha, sched.weight_decay,
+      tx = optim.make_optimizer(sched.lr, 0.0, sched.weight_decay,
                                 sched.momentum, tp)
       trainer = Trainer(self.model(mode, scheme, AXIS), tx, sch.roles(params),
                         tp, self.config.batch_size, self.config.eval_batch_size,
-                        self.config.data.augment)
-      self._trainers[key] = (trainer, tx)
+                        self.config.data.augment, self.devices)
+      self._trainers[key] = trainer
     return self._trainers[key]
 
   # -- records ----------------------------------------------------------------
@@ -138,9 +145,12 @@ class Run:
   # -- the stage loop ---------------------------------------------------------
 
   def train_stage(self, stage: str, mode: str, start: Result, sched,
-                  alpha: float = 0.0, host_pass: bool = False) -> Result:
+                  alpha: float = 0.0, host_pass: bool = False,
+                  budget_target=None) -> Result:
+    """Trains one stage from `start` (or its own last checkpoint)."""
     ck = StageCheckpoints(self.workdir, stage)
     latest = ck.latest_epoch()
+    controller = None
     if latest is not None:
       result = ck.restore(latest, abstract_state)
       if result.meta.get("finished"):
@@ -150,48 +160,79 @@ class Run:
       logging.info("stage %s: resuming after epoch %d", stage, latest)
       self.metrics.forget_after(stage, latest)
       state, scheme, first = result.state, result.scheme, latest
+      if budget_target:
+        controller = budget.BudgetController.from_state_dict(
+            result.meta["budget"])
     else:
       state, scheme, first = start.state, start.scheme, 0
-    state = self._fresh_momentum(mode, scheme, state, sched, alpha)[0] \
-        if latest is None else state
+      state = self._fresh_momentum(mode, scheme, state, sched)
+      if budget_target:
+        controller = self._controller(state.params, budget_target, sched)
     epochs = sched.epochs
     interval = self.config.bsq.requant_interval
     for epoch in range(first, epochs):
       if host_pass and epoch % interval == 0:
-        state, scheme = self.host_pass(stage, state, sched, alpha, epoch)
-      trainer, tx = self.trainer(mode, scheme, state.params, sched, alpha)
+        state, scheme = self.host_pass(stage, state, sched, epoch)
+      if controller is not None:
+        alpha = controller.alpha_for_epoch(epoch)
+      trainer = self.trainer(mode, scheme, state.params, sched)
       state = state._replace(opt_state=optim.set_hyperparams(
           state.opt_state, learning_rate=lr_at(sched, epoch), alpha=alpha))
       state, train_metrics = self._epoch(stage, trainer, state, epoch)
+      extra = {}
+      if controller is not None:
+        controller.observe(epoch, budget.measure(
+            state.params, controller.unit, self.config.bsq.max_bits))
+        extra = dict(controller.metrics(), budget=controller.state_dict())
       finished = epoch + 1 == epochs
       if host_pass and finished:  # the final re-quantization (section 6)
-        state, scheme = self.host_pass(stage, state, sched, alpha, epochs)
-        trainer, _ = self.trainer(mode, scheme, state.params, sched, alpha)
+        state, scheme = self.host_pass(stage, state, sched, epochs)
+        trainer = self.trainer(mode, scheme, state.params, sched)
+        if controller is not None:
+          extra["budget_report"] = controller.report(budget.size_of(
+              sch.account(state.params), controller.unit))
+          logging.info("%s budget: %s", stage,
+                       extra["budget_report"]["message"])
       record = dict(stage=stage, epoch=epoch + 1, lr=lr_at(sched, epoch),
                     alpha=alpha, **train_metrics, **self.evaluate(trainer, state),
-                    **self.accounting(mode, state.params, scheme))
+                    **self.accounting(mode, state.params, scheme),
+                    **{k: v for k, v in extra.items() if k != "budget"})
       self._log_epoch(record)
-      ck.save(epoch + 1, state, self._meta(mode, scheme, alpha, finished))
+      meta = self._meta(mode, scheme, alpha, finished)
+      meta.update({k: v for k, v in extra.items() if k.startswith("budget")})
+      ck.save(epoch + 1, state, meta)
     if epochs == 0:
       ck.save(epochs, state, self._meta(mode, scheme, alpha, True))
     ck.close()
     return Result(stage, epochs, self._meta(mode, scheme, alpha, True), state)
 
+  def _controller(self, params, target, sched) -> budget.BudgetController:
+    value, unit = target
+    bsq_cfg = self.config.bsq
+    controller = budget.BudgetController(
+        value, unit, budget.measure(params, unit, bsq_cfg.max_bits),
+        sched.epochs, list(range(0, sched.epochs, bsq_cfg.requant_interval)),
+        alpha0=bsq_cfg.default_alpha, alpha_min=bsq_cfg.budget_alpha_min,
+        alpha_max=bsq_cfg.budget_alpha_max)
+    for warning in controller.warnings:
+      logging.warning("budget: %s", warning)
+    return controller
+
   def _meta(self, mode, scheme, alpha, finished) -> Dict[str, Any]:
     return {"mode": mode, "scheme": scheme, "alpha": alpha,
             "finished": finished, "model_config": self.model_cfg}
 
-  def _fresh_momentum(self, mode, scheme, state, sched, alpha):
+  def _fresh_momentum(self, mode, scheme, state, sched):
     """Optimizer state reset: new shapes after a host pass, or a new stage."""
-    trainer, tx = self.trainer(mode, scheme, state.params, sched, alpha)
-    return state._replace(opt_state=tx.init(state.params)), trainer
+    trainer = self.trainer(mode, scheme, state.params, sched)
+    return state._replace(opt_state=trainer.tx.init(state.params))
 
-  def host_pass(self, stage, state, sched, alpha, epoch):
+  def host_pass(self, stage, state, sched, epoch):
     """Section 6: requantize every layer, reset momentum, log the scheme."""
     params, scheme = sch.requantize_params(jax.device_get(state.params),
                                            self.config.bsq.max_bits)
     state = state._replace(params=params)
-    state = self._fresh_momentum("bsq", scheme, state, sched, alpha)[0]
+    state = self._fresh_momentum("bsq", scheme, state, sched)
     acc = sch.account(params)
     logging.info("%s epoch %d host pass: %.3f average bits, %.2fx | %s", stage,
                  epoch, acc.average_bits, acc.compression,
@@ -262,8 +303,8 @@ class Run:
                                 self.config.convert.bits)
     params = sch.float_to_bsq(jax.device_get(source.state.params), scheme)
     state = TrainState(params, jax.device_get(source.state.batch_stats), ())
-    state, trainer = self._fresh_momentum("bsq", scheme, state,
-                                          self.config.bsq, 0.0)
+    state = self._fresh_momentum("bsq", scheme, state, self.config.bsq)
+    trainer = self.trainer("bsq", scheme, params, self.config.bsq)
     record = dict(stage="convert", epoch=0, **self.evaluate(trainer, state),
                   **self.accounting("bsq", params, scheme))
     self._log_epoch(record)
@@ -283,10 +324,13 @@ class Run:
                   TrainState(variables["params"], variables["batch_stats"], ()))
 
   def bsq(self) -> Result:
-    alpha = self.config.bsq.alpha
-    alpha = self.config.bsq.default_alpha if alpha is None else alpha
-    return self.train_stage("bsq", "bsq", self.result_of("convert"),
-                            self.config.bsq, alpha, host_pass=True)
+    cfg = self.config.bsq
+    target = budget.check_budget_fields(
+        cfg.alpha is not None, cfg.target_bits or None,
+        cfg.target_kbytes or None, cfg.max_bits)
+    alpha = cfg.default_alpha if cfg.alpha is None else cfg.alpha
+    return self.train_stage("bsq", "bsq", self.result_of("convert"), cfg,
+                            alpha, host_pass=True, budget_target=target)
 
   def _finetune_from(self, stage: str, params, batch_stats) -> Result:
     ft_params, ft_scheme = sch.bsq_to_finetune(params)

@@ -64,6 +64,8 @@ def get_config():
   c.bsq.max_bits = 8            # precision never grows past this
   c.bsq.target_bits = 0.0       # budget mode: average bits to reach (0 = off)
   c.bsq.target_kbytes = 0.0     # budget mode: packed kB to reach (0 = off)
+  c.bsq.budget_alpha_min = 1e-4 # budget mode: alpha stays in [min, max]
+  c.bsq.budget_alpha_max = 0.1  # (short schedules need larger alphas)
 
   c.finetune = schedule(300, 0.01, (150, 250))  # also the scratch schedule
   return c

@@ -1,0 +1,153 @@
+"""The pipeline end to end on synthetic data, on 8 forced CPU devices."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bsq_jax import bitplanes as bp
+from bsq_jax import scheme as sch
+from bsq_jax.checkpoint import load_result
+from bsq_jax.train import Run, train_and_evaluate
+from configs import smoke
+
+
+def tiny_config(**changes):
+  """ResNet-8 (width 4), 256 synthetic images, one epoch per stage."""
+  c = smoke.get_config()
+  c.model.width = 4
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.chunk_steps = 4
+  c.data.synthetic_train = 256
+  c.data.synthetic_test = 64
+  c.bsq.alpha = 20.0  # strong enough to drop planes within 4 steps
+  for stage in (c.pretrain, c.bsq, c.finetune):
+    stage.epochs = 1
+    stage.lr_milestones = ()
+  for key, value in changes.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  table = train_and_evaluate(tiny_config(), workdir)
+  return workdir, table
+
+
+def test_all_stages_run_and_summarize(finished_run):
+  workdir, table = finished_run
+  for stage in ("pretrain", "convert", "bsq", "finetune", "scratch"):
+    assert f"| {stage} |" in table
+  with open(os.path.join(workdir, "summary.md")) as f:
+    assert f.read() == table
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  bsq = [r for r in records if r["stage"] == "bsq"][-1]
+  for field in ("lr", "train_loss", "penalty", "test_accuracy", "average_bits",
+                "compression", "bits", "alpha"):
+    assert field in bsq
+  assert bsq["average_bits"] < 8.0  # alpha 20 removed planes in one epoch
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_rerun_skips_finished_stages(finished_run):
+  workdir, table = finished_run
+  before = open(os.path.join(workdir, "metrics.jsonl")).read()
+  run = Run(tiny_config(), workdir)
+  assert run.run() == table
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+  assert not run._trainers  # nothing was compiled: every stage was skipped
+
+
+def test_results_rebuild_from_workdir(finished_run):
+  workdir, _ = finished_run
+  bsq = load_result(workdir, "bsq")
+  assert bsq.mode == "bsq" and sch.scheme_of(bsq.state.params) == bsq.scheme
+  ft = load_result(workdir)
+  assert ft.stage == "finetune" and ft.mode == "finetune"
+  scratch = load_result(workdir, "scratch")
+  assert scratch.scheme == ft.scheme  # the scheme BSQ found
+  # Finetuning keeps every c in [-1, 1].
+  for _, levels in sch.quantized(ft.state.params):
+    assert np.abs(np.asarray(levels.c)).max() <= 1.0
+
+
+def test_workdir_of_another_model_is_refused(finished_run):
+  workdir, _ = finished_run
+  with pytest.raises(ValueError, match="holds a run of another model"):
+    Run(tiny_config(**{"model.width": 8}), workdir)
+
+
+def test_same_parameters_on_one_and_eight_devices(tmp_path):
+  """pretrain, convert and a BSQ stage on 1 device and on 8: same result.
+
+  Only the float reduction order differs, so parameters agree to float
+  tolerance. Float activations and a small lr keep those 1e-7 differences
+  from being amplified by rounding ties in the 4-bit activation quantizer
+  and by 12 steps of a tiny, noisy model.
+  """
+  config = tiny_config(**{"stages": "pretrain,convert,bsq",
+                          "model.act_bits": 32, "pretrain.lr": 0.01,
+                          "bsq.lr": 0.01})
+  params = {}
+  for n in (1, 8):
+    run = Run(config, str(tmp_path / f"d{n}"), devices=jax.local_devices()[:n])
+    run.run()
+    params[n] = load_result(str(tmp_path / f"d{n}"), "bsq").state
+  assert len(jax.local_devices()) == 8
+  for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[8])):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_scheme_change_compiles_once(tmp_path):
+  config = tiny_config(stages="pretrain,convert")
+  run = Run(config, str(tmp_path))
+  run.run()
+  start = load_result(str(tmp_path), "convert")
+  state = start.state
+  scheme = dict(start.scheme)
+  trainer = run.trainer("bsq", scheme, state.params, config.bsq)
+  for epoch in range(2):
+    for state, _, _ in trainer.train_epoch(state, run.train, 0, epoch, 4):
+      pass
+  assert trainer.traces == 1
+  # A changed scheme: one new trainer, traced once, however many epochs.
+  zero = lambda v: v._replace(pos=np.zeros_like(v.pos), neg=np.zeros_like(v.neg))
+  params = sch.map_nodes(lambda p, v: bp.requantize(zero(v))
+                         if p == "conv1/kernel" else v,
+                         jax.device_get(state.params))
+  scheme2 = sch.scheme_of(params)
+  assert scheme2 != scheme
+  state = run._fresh_momentum("bsq", scheme2, state._replace(params=params),
+                              config.bsq)
+  trainer2 = run.trainer("bsq", scheme2, params, config.bsq)
+  assert trainer2 is not trainer
+  for epoch in range(2):
+    for state, _, _ in trainer2.train_epoch(state, run.train, 0, epoch, 4):
+      pass
+  assert trainer2.traces == 1 and trainer.traces == 1
+
+
+def test_budget_mode_reaches_target(tmp_path):
+  """target_bits 4 from 8 within 0.5 bits, with alpha changing per epoch."""
+  config = tiny_config(**{"stages": "pretrain,convert,bsq",
+                          "bsq.alpha": None, "bsq.target_bits": 4.0,
+                          "data.synthetic_train": 512,
+                          "bsq.epochs": 12, "bsq.requant_interval": 2,
+                          "bsq.default_alpha": 1.0,
+                          "bsq.budget_alpha_max": 20.0})
+  train_and_evaluate(config, str(tmp_path))
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  bsq = [r for r in records if r["stage"] == "bsq"]
+  alphas = [r["alpha"] for r in bsq]
+  assert len(set(alphas)) > 1
+  assert abs(bsq[-1]["average_bits"] - 4.0) <= 0.5, bsq[-1]["average_bits"]
+  assert "budget_report" in bsq[-1]
