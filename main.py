@@ -21,6 +21,22 @@ flags.DEFINE_string("workdir", None, "Run folder; default workdirs/<config "
 flags.mark_flags_as_required(["config"])
 
 
+def parse_flags(argv):
+  """Flag parsing with one-line errors (an unknown config field included)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for an override of a field that does not
+    # exist or does not take the given type.
+    message = f"{type(e).__name__}: {e}"
+  override = [a for a in argv[1:] if a.startswith("--config.")]
+  print(f"error: bad --config override {' '.join(override)}: "
+        f"{message.splitlines()[0]}", file=sys.stderr)
+  sys.exit(1)
+
+
 def default_workdir(config_path: str) -> str:
   name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
   return os.path.join("workdirs", name)
@@ -46,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

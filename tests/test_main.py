@@ -1,0 +1,68 @@
+"""main.py refuses bad input with one line, exit 1, and an untouched workdir."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, workdir):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run(
+      [sys.executable, "main.py", "--config=configs/smoke.py",
+       f"--workdir={workdir}", *args], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=300)
+
+
+def snapshot(path):
+  if not os.path.exists(path):
+    return None
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        out[os.path.relpath(full, path)] = f.read()
+  return out
+
+
+def last_line(result):
+  lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+  return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--config.bsq.no_such_field=1"], "no_such_field"),
+    (["--config.bsq.alpha=-0.5"], "config.bsq.alpha: expected >= 0"),
+    (["--config.batch_size=100"], "config.batch_size: 100 does not split evenly"),
+    (["--config.data.name=fashion_mnist",
+      "--config.data.fashion_mnist_dir=/nonexistent/fmnist",
+      "--config.model.channels=1"], "/nonexistent/fmnist"),
+    (["--config.model.depth=21"], "config.model.depth"),
+])
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path, args, expect):
+  workdir = str(tmp_path / "run")
+  result = run_main(*args, workdir=workdir)
+  assert result.returncode != 0
+  assert expect in last_line(result), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(workdir)
+
+
+def test_workdir_of_another_model_is_kept(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "run.json").write_text(json.dumps(
+      {"model": {"name": "cifar_resnet", "depth": 56}, "data": "cifar10",
+       "seed": 0}))
+  (workdir / "metrics.jsonl").write_text('{"stage": "bsq", "epoch": 3}\n')
+  before = snapshot(str(workdir))
+  result = run_main(workdir=str(workdir))
+  assert result.returncode == 1
+  assert "holds a run of another model" in last_line(result)
+  assert "Traceback" not in result.stderr
+  assert snapshot(str(workdir)) == before
