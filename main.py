@@ -45,8 +45,11 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Hide accelerators from TensorFlow (tfds uses it only to read files).
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if FLAGS.config.xla_fast_compile:  # must be set before JAX starts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_backend_optimization_level=0"
+                               " --xla_llvm_disable_expensive_passes=true")
   import jax  # pylint: disable=import-outside-toplevel
   from bsq_jax import errors, report, train  # pylint: disable=import-outside-toplevel
   report.quiet_libraries()

@@ -170,6 +170,28 @@ def measure(params, unit: str = "bits", max_bits: int = 8) -> float:
   return size_of(measure_accounting(params, max_bits), unit)
 
 
+def soft_bits(params, max_bits: int = 8) -> float:
+  """A continuous version of `measure(params, "bits")`, for steering.
+
+  Re-quantized bits move in whole-plane steps: nothing changes while the
+  group Lasso shrinks the planes, then a layer loses several planes at once.
+  Here each layer counts log2(M + 1) bits instead of its precision n, where M
+  is its largest integer level after re-quantization; n = ceil(log2(M + 1))
+  once the MSB planes are dropped, so the two agree whenever M = 2**n - 1,
+  and log2(M + 1) falls smoothly as the weights shrink, an epoch or more
+  before the planes go.
+  """
+  from bsq_jax import bitplanes, scheme  # JAX only needed here
+  new_params, _ = scheme.requantize_params(params, max_bits)
+  total, weighted = 0, 0.0
+  for _, planes in scheme.quantized(new_params):
+    m = int(np.prod(planes.pos.shape[:-1]))
+    top = int(np.abs(bitplanes.integers(planes)).max(initial=0))
+    total += m
+    weighted += m * float(np.log2(top + 1))
+  return weighted / max(total, 1)
+
+
 # --------------------------------------------------------------------------
 # The controller.
 

@@ -6,9 +6,10 @@ import sys
 from bsq_jax.checkpoint import CheckpointError
 from bsq_jax.config_check import ConfigError
 from bsq_jax.data import DataError
+from bsq_jax.train import Diverged
 
-EXPECTED = (ConfigError, DataError, CheckpointError, FileNotFoundError,
-            KeyError, ValueError)
+EXPECTED = (ConfigError, DataError, CheckpointError, Diverged,
+            FileNotFoundError, KeyError, ValueError)
 
 
 @contextlib.contextmanager

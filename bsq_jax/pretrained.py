@@ -87,14 +87,8 @@ def load_torch_resnet(state_dict: Mapping[str, Any], depth: int,
   with `model.apply(variables, x_nhwc, train=False)` giving the logits.
   """
   model = CifarResNet(depth=depth, num_classes=num_classes, act_bits=act_bits)
-  x = jnp.zeros((1, 32, 32, 3), jnp.float32)
-  variables = load_state_dict(model, state_dict, x, cifar_torch_name)
-  if weight_bits is None:
-    return model, variables
-  scheme = sch.uniform_scheme(model, x, weight_bits)
-  variables = dict(variables,
-                   params=sch.float_to_bsq(variables["params"], scheme))
-  return model.clone(quant=Quant("bsq", freeze_scheme(scheme))), variables
+  return _load_torch_model(model, state_dict,
+                           jnp.zeros((1, 32, 32, 3), jnp.float32), weight_bits)
 
 
 def read_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
@@ -115,12 +109,12 @@ def read_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------
-# torchvision's ImageNet models (ResNet-50, Inception-V3).
+# Shared by the CIFAR ResNet and torchvision's ImageNet models.
 
 
 def _load_torch_model(model, state_dict: Mapping[str, Any], sample_input,
                       weight_bits: Optional[int]):
-  """(model, variables) for `model` filled from a torchvision state_dict.
+  """(model, variables) for `model` filled from a PyTorch state_dict.
 
   Torch names come from the Flax path (`cifar_torch_name`). A PACT clip
   (act_bits <= 3) has no torch counterpart and starts at its initial value.

@@ -29,6 +29,7 @@ def get_config():
   c.batch_size = 128            # global batch over all devices
   c.eval_batch_size = 1000      # global test batch (10,000 images: 10 steps)
   c.chunk_steps = 100           # train steps per compiled dispatch
+  c.xla_fast_compile = False    # XLA CPU opt level 0: quick compiles, slow steps
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cifar_resnet" # model family (bsq_jax/models)

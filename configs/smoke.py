@@ -15,6 +15,7 @@ def get_config():
   c.batch_size = 64
   c.eval_batch_size = 128
   c.chunk_steps = 8
+  c.xla_fast_compile = True     # a tiny run is all compile time
   c.model.depth = 8
   c.model.width = 8
   c.data.name = "synthetic"
