@@ -707,14 +707,8 @@ def load_model(path: str, mode: str = "finetune"):
 def load_run(workdir: str, stage: Optional[str] = None):
   """A training run's result via `bsq_jax.checkpoint.load_result`: an object
   with model_config, mode, scheme and variables (imported only here)."""
-  from bsq_jax import checkpoint
-  load_result = getattr(checkpoint, "load_result", None)
-  if load_result is None:
-    raise ExportError(f"{workdir}: cannot read a run directory: "
-                      f"bsq_jax.checkpoint has no load_result")
-  if stage is None:
-    return load_result(workdir)
-  return load_result(workdir, stage=stage)
+  from bsq_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  return checkpoint.load_result(workdir, stage=stage)
 
 
 def main(argv=None) -> int:

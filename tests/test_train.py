@@ -36,6 +36,16 @@ def tiny_config(**changes):
   return c
 
 
+def copy_run(src, dst, stages=("pretrain", "convert")):
+  """A new workdir holding `src`'s finished `stages` (skips redoing them)."""
+  import shutil
+  os.makedirs(dst)
+  shutil.copy(os.path.join(src, "run.json"), dst)
+  for stage in stages:
+    shutil.copytree(os.path.join(src, stage), os.path.join(dst, stage))
+  return str(dst)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
@@ -80,6 +90,30 @@ def test_results_rebuild_from_workdir(finished_run):
     assert np.abs(np.asarray(levels.c)).max() <= 1.0
 
 
+def test_export_and_inspect_a_finished_run(finished_run, tmp_path):
+  """The packed file of a run reproduces its logits; run and file inspect alike."""
+  from bsq_jax import export, inspect_model
+  from bsq_jax.layers import Quant
+  from bsq_jax.models import build_model
+  workdir, _ = finished_run
+  result = load_result(workdir)
+  path = str(tmp_path / "model.bsq")
+  stats = export.export_model(path, result.model_config, result.mode,
+                              result.scheme, result.variables)
+  assert stats.file_bytes == os.path.getsize(path)
+  model, variables = export.load_model(path)
+  trained = build_model(result.model_config,
+                        Quant(result.mode, result.scheme))
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(model.apply(variables, x),
+                                trained.apply(result.variables, x))
+  from_run = inspect_model.inspect_run(workdir)
+  from_file = inspect_model.inspect_file(path)
+  assert from_run.rows == from_file.rows
+  assert from_run.total_bits == sch.account(result.state.params,
+                                            result.scheme).total_bits
+
+
 def test_workdir_of_another_model_is_refused(finished_run):
   workdir, _ = finished_run
   with pytest.raises(ValueError, match="holds a run of another model"):
@@ -96,31 +130,33 @@ def test_divergence_stops_with_epoch_and_steps(tmp_path):
 
 
 def test_same_parameters_on_one_and_eight_devices(tmp_path):
-  """pretrain, convert and a BSQ stage on 1 device and on 8: same result.
+  """A BSQ stage (from the same converted model) on 1 and 8 devices.
 
   Only the float reduction order differs, so parameters agree to float
   tolerance. Float activations and a small lr keep those 1e-7 differences
   from being amplified by rounding ties in the 4-bit activation quantizer
   and by 12 steps of a tiny, noisy model.
   """
-  config = tiny_config(**{"stages": "pretrain,convert,bsq",
+  config = tiny_config(**{"stages": "pretrain,convert",
                           "model.act_bits": 32, "pretrain.lr": 0.01,
                           "bsq.lr": 0.01})
+  Run(config, str(tmp_path / "base"), devices=jax.local_devices()[:1]).run()
+  config.stages = "bsq"
   params = {}
   for n in (1, 8):
-    run = Run(config, str(tmp_path / f"d{n}"), devices=jax.local_devices()[:n])
-    run.run()
-    params[n] = load_result(str(tmp_path / f"d{n}"), "bsq").state
+    workdir = copy_run(str(tmp_path / "base"), tmp_path / f"d{n}")
+    Run(config, workdir, devices=jax.local_devices()[:n]).run()
+    params[n] = load_result(workdir, "bsq").state
   assert len(jax.local_devices()) == 8
   for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[8])):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_scheme_change_compiles_once(tmp_path):
-  config = tiny_config(stages="pretrain,convert")
-  run = Run(config, str(tmp_path))
-  run.run()
-  start = load_result(str(tmp_path), "convert")
+def test_scheme_change_compiles_once(finished_run, tmp_path):
+  config = tiny_config(stages="convert")
+  workdir = copy_run(finished_run[0], tmp_path / "run")
+  run = Run(config, workdir)
+  start = load_result(workdir, "convert")
   state = start.state
   scheme = dict(start.scheme)
   trainer = run.trainer("bsq", scheme, state.params, config.bsq)
@@ -145,19 +181,20 @@ def test_scheme_change_compiles_once(tmp_path):
   assert trainer2.traces == 1 and trainer.traces == 1
 
 
-def test_budget_mode_steers_alpha(tmp_path):
+def test_budget_mode_steers_alpha(finished_run, tmp_path):
   """The controller changes alpha per epoch and reports on the target.
 
-  A tiny model over 6 short epochs does not reach 4 bits (seen: 5.9 bits
+  A tiny model over 4 short epochs does not reach 4 bits (seen: 5.9 bits
   after 10 epochs); the simulated plants of test_budget.py test the rule.
   """
-  config = tiny_config(**{"stages": "pretrain,convert,bsq",
+  config = tiny_config(**{"stages": "bsq",
                           "bsq.alpha": None, "bsq.target_bits": 4.0,
-                          "bsq.epochs": 6, "bsq.requant_interval": 2,
-                          "bsq.lr": 0.02, "bsq.default_alpha": 2.0,
+                          "bsq.epochs": 4, "bsq.requant_interval": 2,
+                          "bsq.lr": 0.02, "bsq.default_alpha": 4.0,
                           "bsq.budget_alpha_max": 50.0})
-  train_and_evaluate(config, str(tmp_path))
-  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  workdir = copy_run(finished_run[0], tmp_path / "run")
+  train_and_evaluate(config, workdir)
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   bsq = [r for r in records if r["stage"] == "bsq"]
   assert len({r["alpha"] for r in bsq}) > 1
   assert all("budget_measured" in r for r in bsq)
