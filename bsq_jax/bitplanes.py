@@ -145,9 +145,10 @@ def encode_levels(c: Array, bits: int, scale: Array) -> BitPlanes:
 def integers(planes: BitPlanes) -> np.ndarray:
   """Signed integers q_pos - q_neg of binary planes (q / K(n) = c)."""
   n = planes.pos.shape[-1]
+  if n == 0:
+    return np.zeros(np.shape(planes.pos)[:-1], np.int64)
   c = unscaled(planes, np).astype(np.float64)
-  return np.round(c * steps(n)).astype(np.int64) if n else np.zeros(
-      np.shape(planes.pos)[:-1], np.int64)
+  return np.round(c * steps(n)).astype(np.int64)
 
 
 def requantize(planes: BitPlanes, max_bits: int = 8) -> BitPlanes:

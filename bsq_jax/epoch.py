@@ -9,7 +9,6 @@ goes in and comes out with in_axes/out_axes=None.
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import jax

@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bsq_jax import bitplanes as bp

@@ -16,12 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from bsq_jax import budget
@@ -32,7 +30,7 @@ from bsq_jax import scheme as sch
 from bsq_jax.checkpoint import (CheckpointError, Result, StageCheckpoints,
                                 abstract_state)
 from bsq_jax.data import load_dataset
-from bsq_jax.epoch import AXIS, DeviceData, Trainer, check_batch, put_dataset
+from bsq_jax.epoch import AXIS, Trainer, check_batch, put_dataset
 from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model, input_shape
 from bsq_jax.step import TrainState
