@@ -54,7 +54,7 @@ from bsq_jax import optim
 from bsq_jax import scheme as sch
 from bsq_jax.epoch import AXIS, Trainer, put_dataset
 from bsq_jax.layers import Quant, freeze_scheme
-from bsq_jax.models import build_model
+from bsq_jax.models import build_model, init_variables
 from bsq_jax.models.imagenet_resnet import memory_bytes
 from bsq_jax.step import TrainState
 
@@ -87,7 +87,7 @@ def setup(devices):
   """Trainers and fresh states for the three modes, ResNet-20 at 8 bits."""
   fmodel = build_model(CFG, Quant("float"), None)
   sample = jnp.zeros((1, 32, 32, 3), jnp.float32)
-  variables = jax.device_get(jax.jit(fmodel.init)(jax.random.key(0), sample))
+  variables = jax.device_get(init_variables(fmodel, jax.random.key(0), sample))
   scheme = sch.uniform_scheme(fmodel, sample, 8)
   fparams = variables["params"]
   bparams = sch.float_to_bsq(fparams, scheme)

@@ -5,6 +5,14 @@ dispatches of a pmapped `lax.scan` over `chunk_steps` train steps; each step
 gathers its global batch from a permutation that depends only on (seed,
 epoch), takes this device's slice, augments it and trains. Replicated state
 goes in and comes out with in_axes/out_axes=None.
+
+XLA's CPU backend runs a train step inside a while loop about 10x slower
+than the same step at top level (measured on ResNet-8, batch 64: 0.96 s per
+step in a scan of length 1, even with unroll=True, which still emits a while
+loop; 0.10 s as straight-line code). So on CPU a chunk is a Python loop traced
+into straight-line code, and chunks are short (`cpu_chunk_steps`), since
+compile time grows with their length; on GPU/TPU it is a rolled `lax.scan`,
+which compiles one step whatever the chunk length.
 """
 
 from __future__ import annotations
@@ -71,9 +79,13 @@ class Trainer:
 
   def __init__(self, model, tx, roles, total_params: int, batch_size: int,
                eval_batch_size: int, augment_data: bool = True,
-               devices: Optional[Sequence] = None):
+               devices: Optional[Sequence] = None, chunk_steps: int = 100,
+               cpu_chunk_steps: int = 1):
     self.device_list = list(jax.local_devices() if devices is None else devices)
     self.devices = len(self.device_list)
+    # Loops are slow on XLA CPU (module docstring): straight-line chunks.
+    self.unroll = self.device_list[0].platform == "cpu"
+    self.chunk_steps = cpu_chunk_steps if self.unroll else chunk_steps
     self.batch = batch_size
     self.per_device = check_batch(batch_size, self.devices)
     self.eval_batch = eval_batch_size
@@ -111,7 +123,7 @@ class Trainer:
       images = augment.normalize(images, data.mean, data.std)
       return self.train_step(state, images, data.labels[ids])
 
-    state, metrics = jax.lax.scan(body, state, jnp.arange(steps))
+    state, metrics = self._loop(body, state, steps)
     return state, jax.tree.map(jnp.sum, metrics)
 
   def _eval_chunk(self, lane, params, batch_stats, data: DeviceData, order):
@@ -120,18 +132,28 @@ class Trainer:
     def body(totals, i):
       ids = jax.lax.dynamic_slice_in_dim(order, i * self.eval_batch,
                                          self.eval_batch)
-      mask = (jnp.arange(self.eval_batch) + i * self.eval_batch) < data.size
+      mask = ids >= 0  # -1 pads the last batch
       ids, mask = (_local_slice(ids, lane, self.eval_per_device),
                    _local_slice(mask, lane, self.eval_per_device))
+      ids = jnp.maximum(ids, 0)
       images = augment.normalize(data.images[ids], data.mean, data.std)
       sums = self.eval_step(params, batch_stats, images, data.labels[ids],
                             mask.astype(jnp.float32))
       return jax.tree.map(jnp.add, totals, sums), None
 
     zero = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    totals, _ = jax.lax.scan(body, jax.tree.map(jnp.float32, zero),
-                             jnp.arange(steps))
+    totals, _ = self._loop(body, jax.tree.map(jnp.float32, zero), steps)
     return totals
+
+  def _loop(self, body, carry, steps: int):
+    """`lax.scan(body, carry, arange(steps))`, straight-line on CPU."""
+    if not self.unroll:
+      return jax.lax.scan(body, carry, jnp.arange(steps))
+    outs = []
+    for i in range(steps):
+      carry, out = body(carry, jnp.int32(i))
+      outs.append(out)
+    return carry, jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
   # -- host -----------------------------------------------------------------
 
@@ -139,7 +161,7 @@ class Trainer:
     return data.size // self.batch  # the last partial batch is dropped
 
   def train_epoch(self, state: TrainState, data: DeviceData, seed: int,
-                  epoch: int, chunk_steps: int
+                  epoch: int, chunk_steps: Optional[int] = None
                   ) -> Iterator[Tuple[TrainState, int, Dict[str, float]]]:
     """Yields (state, steps done, summed metrics) after every chunk."""
     # Inputs placed as the outputs come back, so call 1 and 2 share a trace.
@@ -147,6 +169,7 @@ class Trainer:
     key = epoch_key(seed, epoch)
     order = jax.random.permutation(jax.random.fold_in(key, 0), data.size)
     total = self.steps_per_epoch(data)
+    chunk_steps = chunk_steps or self.chunk_steps
     done = 0
     while done < total:
       n = min(chunk_steps, total - done)
@@ -157,10 +180,17 @@ class Trainer:
       yield state, n, sums
 
   def evaluate(self, state: TrainState, data: DeviceData) -> Dict[str, float]:
-    """Test loss and accuracy over the whole set (padded by wrapping around)."""
+    """Test loss and accuracy over the whole set (the last batch padded)."""
     steps = -(-data.size // self.eval_batch)
-    order = jnp.arange(steps * self.eval_batch) % data.size
-    totals = jax.device_get(self._eval(self._lanes, state.params, state.batch_stats, data,
-                                       order))
+    # Whole set in one dispatch, except on CPU: chunks of equal length, so
+    # one compile serves them all.
+    per_call = min(steps, self.chunk_steps) if self.unroll else steps
+    calls = -(-steps // per_call)
+    order = np.arange(calls * per_call * self.eval_batch)
+    order[data.size:] = -1
+    order = order.reshape(calls, -1)
+    totals = [self._eval(self._lanes, state.params, state.batch_stats, data,
+                         chunk) for chunk in order]
+    totals = jax.device_get(jax.tree.map(lambda *t: sum(t), *totals))
     return {"test_loss": float(totals["loss"] / totals["count"]),
             "test_accuracy": float(totals["correct"] / totals["count"])}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
@@ -62,6 +63,13 @@ class Progress:
     return time.time() - self.start
 
 
+def _import_tensorboardx():
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    pass
+
+
 class MetricsLog:
   """metrics.jsonl (one record per epoch) plus TensorBoard scalars."""
 
@@ -69,6 +77,12 @@ class MetricsLog:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     self._tb_dir = os.path.join(workdir, "tensorboard")
+    # tensorboardX imports torch when it is installed (3.5 s here); importing
+    # it beside the first compile, which releases the GIL, hides that.
+    self._tb_import = threading.Thread(target=_import_tensorboardx,
+                                       daemon=True)
+    if is_writer():
+      self._tb_import.start()
 
   def forget_after(self, stage: str, epoch: int) -> None:
     """Drops records of `stage` past `epoch`: a resumed run redoes them."""
@@ -91,6 +105,8 @@ class MetricsLog:
   def _scalars(self, record: Mapping[str, Any]) -> None:
     try:
       if self._tb is None:
+        if self._tb_import.is_alive():
+          self._tb_import.join()
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
         self._tb = SummaryWriter(self._tb_dir)
     except ImportError:

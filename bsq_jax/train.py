@@ -32,7 +32,7 @@ from bsq_jax.checkpoint import (CheckpointError, Result, StageCheckpoints,
 from bsq_jax.data import load_dataset
 from bsq_jax.epoch import AXIS, Trainer, check_batch, put_dataset
 from bsq_jax.layers import Quant, freeze_scheme
-from bsq_jax.models import build_model, input_shape
+from bsq_jax.models import build_model, init_variables, input_shape
 from bsq_jax.step import TrainState
 
 
@@ -124,7 +124,8 @@ class Run:
                                 sched.momentum, tp)
       trainer = Trainer(self.model(mode, scheme, AXIS), tx, sch.roles(params),
                         tp, self.config.batch_size, self.config.eval_batch_size,
-                        self.config.data.augment, self.devices)
+                        self.config.data.augment, self.devices,
+                        self.config.chunk_steps, self.config.cpu_chunk_steps)
       self._trainers[key] = trainer
     return self._trainers[key]
 
@@ -270,13 +271,15 @@ class Run:
     progress = report.Progress(steps, f"{stage} epoch {epoch + 1}")
     totals, done = {}, 0
     for state, n, sums in trainer.train_epoch(state, self.train,
-                                              self.config.seed, epoch,
-                                              self.config.chunk_steps):
+                                              self.config.seed, epoch):
       sums = jax.device_get(sums)
       if not all(math.isfinite(float(v)) for v in sums.values()):
+        steps = (f"step {done + 1}" if n == 1 else
+                 f"steps {done + 1}-{done + n}")
+        kept = (f"the last good checkpoint (epoch {epoch}) is kept" if epoch
+                else "no checkpoint of this stage was written")
         raise Diverged(f"stage {stage}: loss became {float(sums['loss'])} in "
-                       f"epoch {epoch + 1}, steps {done + 1}-{done + n}; the "
-                       f"last good checkpoint (epoch {epoch}) is kept")
+                       f"epoch {epoch + 1}, {steps}; {kept}")
       totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
       done += n
       progress.update(n, loss=totals["loss"] / done,
@@ -289,11 +292,13 @@ class Run:
 
   def _log_epoch(self, record: Dict[str, Any]) -> None:
     self.metrics.write(record)
-    logging.info("%s epoch %d: loss %.4f, test accuracy %.4f, %.3f bits (%.2fx)"
-                 ", %.1fs", record["stage"], record["epoch"],
-                 record.get("train_loss", float("nan")),
+    trained = ("train loss %.4f (%.1fs), " % (record["train_loss"],
+                                             record["epoch_seconds"])
+               if "train_loss" in record else "")
+    logging.info("%s epoch %d: %stest accuracy %.4f, %.3f bits (%.2fx)",
+                 record["stage"], record["epoch"], trained,
                  record["test_accuracy"], record["average_bits"],
-                 record["compression"], record.get("epoch_seconds", 0.0))
+                 record["compression"])
 
   # -- stages -----------------------------------------------------------------
 
@@ -309,9 +314,8 @@ class Run:
 
   def pretrain(self) -> Result:
     model = self.model("float")
-    # One compiled init: eager init compiles every initializer separately.
-    variables = jax.jit(model.init)(jax.random.key(self.config.seed),
-                                    self.sample)
+    variables = init_variables(model, jax.random.key(self.config.seed),
+                               self.sample)
     start = Result("init", 0, self._meta("float", None, 0.0, True),
                    TrainState(variables["params"], variables["batch_stats"], ()))
     return self.train_stage("pretrain", "float", start, self.config.pretrain)
@@ -320,6 +324,7 @@ class Run:
     ck = StageCheckpoints(self.workdir, "convert")
     if ck.finished():
       ck.close()
+      logging.info("stage convert: finished; skipping")
       return self.result_of("convert")
     if self.config.convert.init_from:
       source = self._torch_start(self.config.convert.init_from)
