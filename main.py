@@ -18,6 +18,10 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder; default workdirs/<config "
                     "file name>.")
+flags.DEFINE_string("coordinator_address", None, "Several hosts: process "
+                    "0's host:port, the same on every process.")
+flags.DEFINE_integer("num_processes", None, "Several hosts: how many processes.")
+flags.DEFINE_integer("process_id", None, "Several hosts: this process's index.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -42,6 +46,19 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("workdirs", name)
 
 
+def start_processes(jax) -> None:
+  """jax.distributed over several processes; on CPU, gloo collectives."""
+  missing = [f"--{n}" for n in ("num_processes", "process_id")
+             if FLAGS[n].value is None]
+  if missing:
+    print(f"error: --coordinator_address needs {' and '.join(missing)}",
+          file=sys.stderr)
+    sys.exit(1)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                             FLAGS.process_id)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -53,15 +70,20 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from bsq_jax import errors, report, train  # pylint: disable=import-outside-toplevel
   report.quiet_libraries()
+  if FLAGS.coordinator_address:
+    start_processes(jax)
 
   workdir = FLAGS.workdir or default_workdir(
       config_flags.get_config_filename(FLAGS["config"]))
-  logging.info("process %d of %d; local devices: %s", jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  logging.info("process %d of %d; local devices: %s; %d devices in all",
+               jax.process_index(), jax.process_count(), jax.local_devices(),
+               jax.device_count())
   logging.info("workdir %s; config:\n%s", workdir, FLAGS.config)
   command = " ".join(shlex.quote(a) for a in sys.argv)
   with errors.one_line():
-    print(train.train_and_evaluate(FLAGS.config, workdir, command))
+    table = train.train_and_evaluate(FLAGS.config, workdir, command)
+  if jax.process_index() == 0:
+    print(table)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,11 @@ class StageCheckpoints:
   def save(self, epoch: int, state: Any, meta: Dict[str, Any]) -> None:
     """Asynchronous; call `wait` before reading it back or exiting."""
     meta = dict(meta, stage=self.stage, epoch=epoch)
+    if jax.process_count() > 1:
+      # pmap returns replicated state as each process's own (host-local)
+      # array, which orbax cannot write as one global array; the values are
+      # the same on every process, so they are saved as numpy.
+      state = jax.device_get(state)
     self.manager.save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True)

@@ -43,14 +43,15 @@ class DeviceData(NamedTuple):
 
 
 def _replicated_sharding(devices: Optional[Sequence] = None) -> NamedSharding:
-  devices = jax.local_devices() if devices is None else devices
+  devices = jax.devices() if devices is None else devices
   mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
   return NamedSharding(mesh, PartitionSpec())
 
 
 def put_dataset(images: np.ndarray, labels: np.ndarray, mean, std,
                 devices: Optional[Sequence] = None) -> DeviceData:
-  """Copies a dataset once onto every device (default: all local devices)."""
+  """Copies a dataset once onto every device (default: all devices of all
+  processes; each process passes the same arrays)."""
   sharding = _replicated_sharding(devices)
   return DeviceData(jax.device_put(images, sharding),
                     jax.device_put(labels.astype(np.int32), sharding),
@@ -81,7 +82,9 @@ class Trainer:
                eval_batch_size: int, augment_data: bool = True,
                devices: Optional[Sequence] = None, chunk_steps: int = 100,
                cpu_chunk_steps: int = 1):
-    self.device_list = list(jax.local_devices() if devices is None else devices)
+    # All devices of all processes: with several processes (jax.distributed)
+    # each feeds its local devices and pmap spans them all.
+    self.device_list = list(jax.devices() if devices is None else devices)
     self.devices = len(self.device_list)
     # Loops are slow on XLA CPU (module docstring): straight-line chunks.
     self.unroll = self.device_list[0].platform == "cpu"
@@ -95,8 +98,10 @@ class Trainer:
     self.train_step = make_train_step(model, tx, roles, total_params, AXIS)
     self.eval_step = make_eval_step(model, AXIS)
     self.traces = 0  # how often the train chunk was traced (tests read it)
-    # pmap needs one mapped argument: each device's index (`lanes`).
-    self._lanes = np.arange(self.devices)
+    # pmap needs one mapped argument: each local device's global index
+    # (`lanes`), which picks its slice of the global batch.
+    self._lanes = np.asarray([i for i, d in enumerate(self.device_list)
+                              if d.process_index == jax.process_index()])
     self._chunk = jax.pmap(self._train_chunk, axis_name=AXIS,
                            in_axes=(0, None, None, None, None, None),
                            out_axes=None, devices=self.device_list)

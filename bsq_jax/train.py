@@ -51,7 +51,8 @@ class Run:
   def __init__(self, config, workdir: str, command: Optional[str] = None,
                devices=None):
     config_check.check(config)
-    self.devices = list(jax.local_devices() if devices is None else devices)
+    # Default: every device of every process (several hosts: jax.distributed).
+    self.devices = list(jax.devices() if devices is None else devices)
     check_batch(config.batch_size, len(self.devices))
     check_batch(config.eval_batch_size, len(self.devices))
     self.config, self.workdir, self.command = config, workdir, command

@@ -43,6 +43,8 @@ def last_line(result):
       "--config.data.fashion_mnist_dir=/nonexistent/fmnist",
       "--config.model.channels=1"], "/nonexistent/fmnist"),
     (["--config.model.depth=21"], "config.model.depth"),
+    (["--coordinator_address=127.0.0.1:1"],
+     "--coordinator_address needs --num_processes and --process_id"),
 ])
 def test_bad_input_is_one_line_and_touches_nothing(tmp_path, args, expect):
   workdir = str(tmp_path / "run")
