@@ -66,15 +66,18 @@ MODES = ("float", "bsq", "finetune")
 PRESETS = {
     # steps: train steps in the timing dataset (= steps per epoch);
     # chunk: steps per dispatch when timing the step; reps: interleaved reps.
+    # epoch_chunk None: the Trainer's own (chunk_steps, or cpu_chunk_steps
+    # on CPU). A trial is XLA flags ("--xla_...") or an env var ("NAME=v").
     "quick": dict(steps=4, chunk=2, reps=3, epoch_reps=2, host_reps=5,
-                  budget_s=600,
-                  epoch_chunk=100, trial_reps=3, trials=(
-                      "--xla_cpu_multi_thread_eigen=false",)),
+                  budget_s=900,
+                  epoch_chunk=None, trial_reps=3, trials=(
+                      "BSQ_JAX_CONV=xla",)),
     "full": dict(steps=40, chunk=10, reps=10, epoch_reps=4, host_reps=7,
                  budget_s=7200,
-                 epoch_chunk=100, trial_reps=6, trials=(
+                 epoch_chunk=None, trial_reps=6, trials=(
+                     "BSQ_JAX_CONV=xla",
                      "--xla_cpu_multi_thread_eigen=false",
-                     "--xla_cpu_use_thunk_runtime=false")),
+                     "--xla_backend_optimization_level=0")),
 }
 TARGETS = {"bsq_over_float": 1.10, "epoch_over_steps": 1.05, "host_pass_s": 1.0}
 
@@ -190,7 +193,11 @@ def child(flags_json: str) -> None:
 
 def run_trial(flags: str, preset: str):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+  if flags.startswith("--"):
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+  elif flags:
+    name, value = flags.split("=", 1)
+    env[name] = value
   cmd = [sys.executable, os.path.abspath(__file__), "--child",
          json.dumps({"preset": preset})]
   t0 = time.perf_counter()
@@ -230,7 +237,8 @@ def busy_processes() -> list:
   busy = []
   for line in out.splitlines()[1:]:
     pid, pcpu, comm = line.split(None, 2)
-    if int(pid) != os.getpid() and float(pcpu) >= 20.0:
+    if (int(pid) != os.getpid() and comm.strip() != "ps"  # ps: this probe
+        and float(pcpu) >= 20.0):
       busy.append(f"{comm} ({pcpu}%)")
   return busy
 
@@ -274,6 +282,7 @@ def main(args) -> None:
                      rng.integers(0, 10, n), (125.3, 123.0, 113.9),
                      (63.0, 62.1, 66.7))
   R["epoch_steps"] = setups["float"][0].steps_per_epoch(data)
+  R["epoch_chunk"] = p["epoch_chunk"] or setups["float"][0].chunk_steps
   print(f"steps: chunks of {p['chunk']}, {p['reps']} interleaved reps",
         flush=True)
   (R["step_s"], R["compile_s"], R["chunk_s"], states,
@@ -367,8 +376,8 @@ def write_report(args, R):
 
   L.append("## Epoch against the sum of its steps\n")
   ep = R.get("epoch_s", {})
-  L.append(f"| mode | epoch (s, median) | steps x step (s) | epoch / steps | "
-           f"first epoch at chunk_steps={p['epoch_chunk']} (s, compiles) |")
+  L.append("| mode | epoch (s, median) | steps x step (s) | epoch / steps | "
+           "first epoch (s, with its compile) |")
   L.append("|---|---|---|---|---|")
   ratios = {}
   for m in MODES:
@@ -379,10 +388,12 @@ def write_report(args, R):
     ratios[m] = med / (R["epoch_steps"] * step_s[m])
     L.append(f"| {m} | {med:.2f} | {R['epoch_steps'] * step_s[m]:.2f} | "
              f"{ratios[m]:.3f} | {R['epoch_first'][m]:.1f} |")
-  L.append(f"\nEpoch = `train_epoch` with chunk_steps={p['epoch_chunk']}, "
-           f"metrics fetched per chunk as `Run._epoch` does. Its scan length "
-           f"differs from the timing chunks (a separate compile, not counted), "
-           f"so part of the difference is the chunk size itself.\n")
+  L.append(f"\nEpoch = `train_epoch` with the Trainer's own chunk of "
+           f"{R.get('epoch_chunk', '?')} steps per dispatch (`chunk_steps`, or "
+           f"`cpu_chunk_steps` on CPU), metrics fetched per chunk as "
+           f"`Run._epoch` does. Its chunk differs from the timing chunks (a "
+           f"separate compile, not counted), so part of the difference is the "
+           f"chunk size itself.\n")
 
   L.append("## Host pass\n")
   hs = R["host_s"]
@@ -439,10 +450,13 @@ def write_report(args, R):
            "trains BSQ ResNet-20 at about 290-310 images/s on a 2-core CPU; "
            "a plain Flax float step reached about 175 images/s there. "
            f"Here (images/s): {here or NA}.\n")
-  L.append("XLA flags: each trial is a fresh child process (float and bsq) "
-           "run right after a baseline child with the default flags; compare "
-           "within a row.\n")
-  L.append("| XLA_FLAGS | mode | baseline step (ms) | with flag (ms) | "
+  L.append("Each trial is a fresh child process (float and bsq) run right "
+           "after a baseline child with the defaults; compare within a row. "
+           "A trial is XLA_FLAGS, or an environment variable: "
+           "`BSQ_JAX_CONV=xla` puts back XLA's own convolution kernel "
+           "gradient in place of the per-tap matrix products of "
+           "`bsq_jax/conv.py` (a speed-up below 1 is what conv.py saves).\n")
+  L.append("| trial | mode | baseline step (ms) | with trial (ms) | "
            "speed-up |")
   L.append("|---|---|---|---|---|")
   for flags, base, var in R.get("trials", []):

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from bsq_jax import optim
 from bsq_jax.layers import Quant, freeze_scheme
@@ -59,7 +60,7 @@ class StageCheckpoints:
 
   def __init__(self, workdir: str, stage: str, max_to_keep: int = 3,
                read_only: bool = False):
-    self.stage = stage
+    self.stage, self.read_only = stage, read_only
     self.directory = os.path.abspath(os.path.join(workdir, stage, "checkpoints"))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep, create=not read_only,
@@ -106,6 +107,27 @@ class StageCheckpoints:
       raise CheckpointError(f"{self.directory}/{epoch}: cannot restore arrays "
                             f"({type(e).__name__}: {str(e)[:200]})") from e
     return Result(self.stage, epoch, meta, state)
+
+  def restore_latest(self, abstract_state_fn: Callable[[Dict], Any]
+                     ) -> Optional[Result]:
+    """The newest checkpoint that reads back; None if there is none.
+
+    An unreadable one (torn by a crash outside orbax's atomic rename, or
+    damaged later) is reported and skipped for the one before. A writable
+    manager also moves it aside to `<epoch>.unreadable`, so the epoch can be
+    saved again; nothing is deleted.
+    """
+    for epoch in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore(epoch, abstract_state_fn)
+      except CheckpointError as e:
+        logging.warning("%s; using the checkpoint before it", e)
+        if not self.read_only and jax.process_index() == 0:
+          self.manager.wait_until_finished()
+          os.replace(os.path.join(self.directory, str(epoch)),
+                     os.path.join(self.directory, f"{epoch}.unreadable"))
+          self.manager.reload()
+    return None
 
   def finished(self) -> bool:
     epoch = self.latest_epoch()
@@ -163,4 +185,8 @@ def abstract_state(meta: Dict[str, Any]) -> Any:
 
 
 def abstract_of(tree: Any) -> Any:
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  """Restore targets on this process's first device: a checkpoint written
+  by another topology (1 device, or other processes) then restores too."""
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), tree)

@@ -170,6 +170,11 @@ class Trainer:
                   ) -> Iterator[Tuple[TrainState, int, Dict[str, float]]]:
     """Yields (state, steps done, summed metrics) after every chunk."""
     # Inputs placed as the outputs come back, so call 1 and 2 share a trace.
+    if jax.process_count() > 1:
+      # A process cannot move its own device arrays onto other processes'
+      # devices (no cross-host transfers on CPU); from host memory, each
+      # process fills its own devices. Once per epoch.
+      state = jax.device_get(state)
     state = jax.device_put(state, _replicated_sharding(self.device_list))
     key = epoch_key(seed, epoch)
     order = jax.random.permutation(jax.random.fold_in(key, 0), data.size)

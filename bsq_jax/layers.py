@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from bsq_jax import bitplanes as bp
+from bsq_jax import conv
 
 MODES = ("float", "bsq", "finetune")
 
@@ -103,9 +104,7 @@ class QConv(nn.Module):
     w = quantized_tensor(self, "kernel", self.quant, shape, self.kernel_init,
                          self.quantized)
     pad = self.padding if self.padding is not None else [(k // 2, k // 2)] * 2
-    y = jax.lax.conv_general_dilated(
-        x, w, (self.strides, self.strides), pad,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv.conv2d(x, w, self.strides, pad)
     if self.use_bias:
       y = y + quantized_tensor(self, "bias", self.quant, (self.features,),
                                nn.initializers.zeros, self.quantized)

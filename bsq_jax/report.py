@@ -4,6 +4,7 @@ table with the paper's columns. Only process 0 writes."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -65,7 +66,7 @@ class Progress:
 
 def _import_tensorboardx():
   try:
-    import tensorboardX  # pylint: disable=import-outside-toplevel,unused-import
+    importlib.import_module("tensorboardX")
   except ImportError:
     pass
 

@@ -149,10 +149,10 @@ class Run:
                   budget_target=None) -> Result:
     """Trains one stage from `start` (or its own last checkpoint)."""
     ck = StageCheckpoints(self.workdir, stage)
-    latest = ck.latest_epoch()
+    result = ck.restore_latest(abstract_state)
     controller = None
-    if latest is not None:
-      result = ck.restore(latest, abstract_state)
+    if result is not None:
+      latest = result.epoch
       if result.meta.get("finished"):
         logging.info("stage %s: finished at epoch %d; skipping", stage, latest)
         ck.close()
@@ -305,13 +305,13 @@ class Run:
 
   def result_of(self, stage: str) -> Result:
     """The final checkpoint of an earlier stage, which must have finished."""
-    ck = StageCheckpoints(self.workdir, stage, read_only=True)
-    epoch = ck.latest_epoch()
-    if epoch is None or not ck.finished():
+    result = StageCheckpoints(self.workdir, stage,
+                              read_only=True).restore_latest(abstract_state)
+    if result is None or not result.meta.get("finished"):
       raise CheckpointError(f"config.stages: stage {stage!r} has not finished "
                             f"in {self.workdir}; run it first (add it to "
                             f"config.stages)")
-    return ck.restore(epoch, abstract_state)
+    return result
 
   def pretrain(self) -> Result:
     model = self.model("float")

@@ -1,7 +1,6 @@
 """Budget mode (issue 8): config validation, sizes, the alpha controller."""
 
 import json
-import math
 
 import numpy as np
 import pytest

@@ -6,32 +6,20 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 
 from bsq_jax.checkpoint import load_result
 from bsq_jax.train import Run
-from configs import smoke
+from tiny import as_flags, copy_run, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Float activations and a small lr, as in test_train's 1-vs-8-device test:
 # only the reduction order differs, and nothing amplifies it.
-CHANGES = {"stages": "pretrain,convert,bsq", "model.width": 4,
-           "data.synthetic_train": 256, "data.synthetic_test": 64,
-           "eval_batch_size": 64, "model.act_bits": 32, "pretrain.lr": 0.01,
-           "bsq.lr": 0.01, "bsq.alpha": 20.0}
-
-
-def _config():
-  c = smoke.get_config()
-  for key, value in CHANGES.items():
-    node = c
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return c
+CHANGES = {"stages": "pretrain,convert,bsq", "model.act_bits": 32,
+           "pretrain.lr": 0.01, "bsq.lr": 0.01}
 
 
 def _free_port() -> int:
@@ -40,34 +28,58 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir: str):
+def _two_processes(workdir: str, **changes):
+  """Runs main.py as processes 0 and 1; returns their stdout texts.
+
+  If one fails, the other (left waiting on its peer) is killed at once.
+  """
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   args = [sys.executable, "main.py", "--config=configs/smoke.py",
           f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
-          "--num_processes=2"] + [f"--config.{k}={v}" for k, v in CHANGES.items()]
+          "--num_processes=2"] + as_flags(**{**CHANGES, **changes})
+  logs = [open(f"{workdir}.{i}.{kind}", "w+") for i in range(2)
+          for kind in ("out", "err")]
   procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  outs = [p.communicate(timeout=400) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return [out for out, _ in outs]
+                            stdout=logs[2 * i], stderr=logs[2 * i + 1])
+           for i in range(2)]
+  deadline = time.time() + 300
+  try:
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+      if any(p.poll() not in (None, 0) for p in procs):
+        break
+      time.sleep(0.5)
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+  texts = []
+  for f in logs:
+    f.seek(0)
+    texts.append(f.read())
+    f.close()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i}: {texts[2 * i + 1][-3000:]}"
+  return texts[0::2]
 
 
 def test_two_processes_match_one_device(tmp_path):
-  stdout = _two_processes(str(tmp_path / "mh"))
+  one = str(tmp_path / "one")
+  Run(tiny_config(**CHANGES, **{"bsq.epochs": 2}), one,
+      devices=jax.local_devices()[:1]).run()
+  # Both start BSQ from the same converted model (pretrain and convert are
+  # the same pmapped code and would only add compile time).
+  two = copy_run(one, tmp_path / "two")
+  # Two epochs: the second starts from the first's pmap output.
+  stdout = _two_processes(two, stages="bsq", **{"bsq.epochs": 2})
   # Only process 0 prints the summary and writes the records.
   assert "| bsq |" in stdout[0] and "| bsq |" not in stdout[1]
-  with open(tmp_path / "mh" / "metrics.jsonl") as f:
-    stages = [json.loads(line)["stage"] for line in f]
-  assert stages == ["pretrain", "convert", "bsq"]
-
-  Run(_config(), str(tmp_path / "one"), devices=jax.local_devices()[:1]).run()
-  two = load_result(str(tmp_path / "mh"), "bsq")
-  one = load_result(str(tmp_path / "one"), "bsq")
-  assert two.scheme == one.scheme
-  for a, b in zip(jax.tree.leaves(two.state.params),
-                  jax.tree.leaves(one.state.params)):
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  with open(os.path.join(two, "metrics.jsonl")) as f:
+    assert [(json.loads(line)["stage"], json.loads(line)["epoch"])
+            for line in f] == [("bsq", 1), ("bsq", 2)]
+  a, b = load_result(two, "bsq"), load_result(one, "bsq")
+  assert a.epoch == b.epoch == 2 and a.scheme == b.scheme
+  for x, y in zip(jax.tree.leaves(a.state.params),
+                  jax.tree.leaves(b.state.params)):
+    np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)

@@ -11,38 +11,7 @@ from bsq_jax import bitplanes as bp
 from bsq_jax import scheme as sch
 from bsq_jax.checkpoint import load_result
 from bsq_jax.train import Diverged, Run, train_and_evaluate
-from configs import smoke
-
-
-def tiny_config(**changes):
-  """ResNet-8 (width 4), 256 synthetic images, one epoch per stage."""
-  c = smoke.get_config()
-  c.model.width = 4
-  c.batch_size = 64
-  c.eval_batch_size = 64
-  c.data.synthetic_train = 256
-  c.data.synthetic_test = 64
-  c.bsq.alpha = 20.0  # strong enough to drop planes within 4 steps
-  for stage in (c.pretrain, c.bsq, c.finetune):
-    stage.epochs = 1
-    stage.lr_milestones = ()
-  for key, value in changes.items():
-    node = c
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return c
-
-
-def copy_run(src, dst, stages=("pretrain", "convert")):
-  """A new workdir holding `src`'s finished `stages` (skips redoing them)."""
-  import shutil
-  os.makedirs(dst)
-  shutil.copy(os.path.join(src, "run.json"), dst)
-  for stage in stages:
-    shutil.copytree(os.path.join(src, stage), os.path.join(dst, stage))
-  return str(dst)
+from tiny import copy_run, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +173,26 @@ def test_budget_mode_steers_alpha(finished_run, tmp_path):
   assert rep["final"] == pytest.approx(final["average_bits"])
   assert rep["met"] == (final["average_bits"] <= 4.0)
   assert rep["excess"] == pytest.approx(max(0.0, final["average_bits"] - 4.0))
+
+
+def test_unreadable_latest_checkpoint_is_set_aside_and_redone(tmp_path):
+  """A damaged newest checkpoint is reported and moved aside, and its epoch
+  is trained again from the one before: the result equals the undamaged
+  run's, bit for bit (the data order depends only on seed and epoch)."""
+  config = tiny_config(**{"stages": "pretrain", "pretrain.epochs": 2})
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(config, workdir)
+  want = load_result(workdir, "pretrain").state.params
+  checkpoints = tmp_path / "run" / "pretrain" / "checkpoints"
+  for f in (checkpoints / "2" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"")
+  train_and_evaluate(config, workdir)
+  assert (checkpoints / "2.unreadable").is_dir()  # kept, not deleted
+  got = load_result(workdir, "pretrain")
+  assert got.epoch == 2 and got.meta["finished"]
+  for a, b in zip(jax.tree.leaves(got.state.params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    epochs = [json.loads(line)["epoch"] for line in f]
+  assert epochs == [1, 2]

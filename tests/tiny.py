@@ -1,0 +1,38 @@
+"""The tiny pipeline config the training tests share, as overrides of
+configs/smoke.py, so a subprocess can be given the same as flags."""
+
+import os
+import shutil
+
+from configs import smoke
+
+# ResNet-8 (width 4), 256 synthetic images, one epoch per stage (smoke's).
+TINY = {"model.width": 4, "batch_size": 64, "eval_batch_size": 64,
+        "data.synthetic_train": 256, "data.synthetic_test": 64,
+        "bsq.alpha": 20.0}  # strong enough to drop planes within 4 steps
+
+
+def tiny_config(**changes):
+  """smoke.get_config() with TINY and then `changes` ("a.b": value) set."""
+  c = smoke.get_config()
+  for key, value in {**TINY, **changes}.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+def as_flags(**changes):
+  """The same config as main.py flags (after --config=configs/smoke.py)."""
+  return [f"--config.{k}={v}" for k, v in {**TINY, **changes}.items()]
+
+
+def copy_run(src, dst, stages=("pretrain", "convert")):
+  """A new workdir holding `src`'s finished `stages` (skips redoing them)."""
+  os.makedirs(dst)
+  shutil.copy(os.path.join(src, "run.json"), dst)
+  for stage in stages:
+    shutil.copytree(os.path.join(src, stage), os.path.join(dst, stage))
+  return str(dst)
