@@ -87,8 +87,8 @@ class Trainer:
     self.device_list = list(jax.devices() if devices is None else devices)
     self.devices = len(self.device_list)
     # Loops are slow on XLA CPU (module docstring): straight-line chunks.
-    self.unroll = self.device_list[0].platform == "cpu"
-    self.chunk_steps = cpu_chunk_steps if self.unroll else chunk_steps
+    self.straight_line = self.device_list[0].platform == "cpu"
+    self.chunk_steps = cpu_chunk_steps if self.straight_line else chunk_steps
     self.batch = batch_size
     self.per_device = check_batch(batch_size, self.devices)
     self.eval_batch = eval_batch_size
@@ -152,7 +152,7 @@ class Trainer:
 
   def _loop(self, body, carry, steps: int):
     """`lax.scan(body, carry, arange(steps))`, straight-line on CPU."""
-    if not self.unroll:
+    if not self.straight_line:
       return jax.lax.scan(body, carry, jnp.arange(steps))
     outs = []
     for i in range(steps):
@@ -194,7 +194,7 @@ class Trainer:
     steps = -(-data.size // self.eval_batch)
     # Whole set in one dispatch, except on CPU: chunks of equal length, so
     # one compile serves them all.
-    per_call = min(steps, self.chunk_steps) if self.unroll else steps
+    per_call = min(steps, self.chunk_steps) if self.straight_line else steps
     calls = -(-steps // per_call)
     order = np.arange(calls * per_call * self.eval_batch)
     order[data.size:] = -1
