@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -57,6 +56,7 @@ from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model, init_variables
 from bsq_jax.models.imagenet_resnet import memory_bytes
 from bsq_jax.step import TrainState
+from machine import busy_processes, machine
 
 CFG = {"name": "cifar_resnet", "depth": 20, "num_classes": 10, "act_bits": 4,
        "width": 16, "channels": 3}
@@ -208,39 +208,6 @@ def run_trial(flags: str, preset: str):
       return json.loads(line[7:]), time.perf_counter() - t0
   tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
   return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}, None
-
-
-def machine() -> dict:
-  cpu = "unknown"
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-  return {"cpu": cpu, "cores": os.cpu_count(),
-          "device": f"{jax.devices()[0].device_kind} x{jax.local_device_count()}",
-          "jax": jax.__version__, "python": platform.python_version(),
-          "load": load}
-
-
-def busy_processes() -> list:
-  """Other processes using CPU now (from `ps`), to tell if the box is shared."""
-  try:
-    out = subprocess.run(["ps", "-eo", "pid,pcpu,comm", "--sort=-pcpu"],
-                         capture_output=True, text=True, check=False).stdout
-  except OSError:
-    return []
-  busy = []
-  for line in out.splitlines()[1:]:
-    pid, pcpu, comm = line.split(None, 2)
-    if (int(pid) != os.getpid() and comm.strip() != "ps"  # ps: this probe
-        and float(pcpu) >= 20.0):
-      busy.append(f"{comm} ({pcpu}%)")
-  return busy
 
 
 def fmt_bytes(n: float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any, Callable, Dict, Optional
 
 import jax
@@ -18,11 +19,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from bsq_jax import optim
+from bsq_jax.config_check import STAGES
 from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model, input_shape
 from bsq_jax.step import TrainState
 
-STAGE_ORDER = ("pretrain", "convert", "bsq", "finetune", "scratch")
+STAGE_ORDER = STAGES  # run order
 
 
 class CheckpointError(ValueError):
@@ -136,6 +138,16 @@ class StageCheckpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def copy_stages(src: str, dst: str, stages) -> str:
+  """A new workdir `dst` that starts from `src`'s `stages` (e.g. one float
+  pretraining shared by several BSQ runs); `dst` must not exist yet."""
+  os.makedirs(dst)
+  shutil.copy(os.path.join(src, "run.json"), dst)
+  for stage in stages:
+    shutil.copytree(os.path.join(src, stage), os.path.join(dst, stage))
+  return str(dst)
 
 
 def finished_stages(workdir: str) -> list:

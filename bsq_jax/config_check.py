@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from bsq_jax import budget
 
-STAGES = ("pretrain", "convert", "bsq", "finetune", "scratch")
+STAGES = ("pretrain", "convert", "bsq", "finetune", "scratch", "uniform")
 SCHEDULES = ("pretrain", "bsq", "finetune")
 
 
@@ -51,6 +51,7 @@ def check(config: Mapping[str, Any]) -> None:
   _number(config, "eval_batch_size", int, 1)
   _number(config, "chunk_steps", int, 1)
   _number(config, "cpu_chunk_steps", int, 1)
+  _number(config, "eval_every", int, 1)
   depth = _number(config, "model.depth", int, 8)
   if (depth - 2) % 6:
     raise ConfigError(f"config.model.depth: expected 6k+2 (20, 32, 44, 56, "

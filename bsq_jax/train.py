@@ -5,6 +5,8 @@
     bsq       BSQ training, host pass every `requant_interval` epochs
     finetune  the final scheme fixed, float c per layer
     scratch   the float model at BSQ's scheme, finetuned the same way
+    uniform   the converted model (`convert.bits` in every layer), finetuned
+              the same way: the uniform-precision baseline
 
 Each stage checkpoints every epoch under `<workdir>/<stage>/` and finds its
 input in the previous stage's final checkpoint. A finished stage is skipped
@@ -193,8 +195,12 @@ class Run:
                                                       state.params)
           logging.info("%s budget: %s", stage,
                        extra["budget_report"]["message"])
+      # The test set costs about as much as a short epoch on CPU, so it can
+      # be skipped between `eval_every` epochs; the last epoch always has it.
+      tested = finished or (epoch + 1) % self.config.eval_every == 0
       record = dict(stage=stage, epoch=epoch + 1, lr=lr_at(sched, epoch),
-                    alpha=alpha, **train_metrics, **self.evaluate(trainer, state),
+                    alpha=alpha, **train_metrics,
+                    **(self.evaluate(trainer, state) if tested else {}),
                     **self.accounting(mode, state.params, scheme),
                     **{k: v for k, v in extra.items() if k != "budget"})
       self._log_epoch(record)
@@ -296,9 +302,10 @@ class Run:
     trained = ("train loss %.4f (%.1fs), " % (record["train_loss"],
                                              record["epoch_seconds"])
                if "train_loss" in record else "")
-    logging.info("%s epoch %d: %stest accuracy %.4f, %.3f bits (%.2fx)",
-                 record["stage"], record["epoch"], trained,
-                 record["test_accuracy"], record["average_bits"],
+    tested = ("test accuracy %.4f, " % record["test_accuracy"]
+              if "test_accuracy" in record else "")
+    logging.info("%s epoch %d: %s%s%.3f bits (%.2fx)", record["stage"],
+                 record["epoch"], trained, tested, record["average_bits"],
                  record["compression"])
 
   # -- stages -----------------------------------------------------------------
@@ -370,10 +377,13 @@ class Run:
                    TrainState(ft_params, batch_stats, ()))
     return self.train_stage(stage, "finetune", start, self.config.finetune)
 
-  def finetune(self) -> Result:
-    src = self.result_of("bsq")
-    return self._finetune_from("finetune", jax.device_get(src.state.params),
+  def _finetune_result(self, stage: str, source: str) -> Result:
+    src = self.result_of(source)
+    return self._finetune_from(stage, jax.device_get(src.state.params),
                                jax.device_get(src.state.batch_stats))
+
+  def finetune(self) -> Result:
+    return self._finetune_result("finetune", "bsq")
 
   def scratch(self) -> Result:
     """The float model at the scheme BSQ found (finetune's), finetuned alike."""
@@ -383,6 +393,10 @@ class Run:
     params = sch.float_to_bsq(jax.device_get(source.state.params), target)
     return self._finetune_from("scratch", params,
                                jax.device_get(source.state.batch_stats))
+
+  def uniform(self) -> Result:
+    """The uniform baseline: convert's `convert.bits` everywhere, finetuned."""
+    return self._finetune_result("uniform", "convert")
 
   def run(self) -> str:
     for stage in config_check.stages_of(self.config):

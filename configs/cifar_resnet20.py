@@ -28,6 +28,7 @@ def get_config():
   c.stages = "pretrain,convert,bsq,finetune"  # comma-separated, in order
   c.batch_size = 128            # global batch over all devices
   c.eval_batch_size = 1000      # global test batch (10,000 images: 10 steps)
+  c.eval_every = 1              # epochs between test-set evaluations (and the last)
   c.chunk_steps = 100           # train steps per dispatch on GPU/TPU (rolled scan)
   c.cpu_chunk_steps = 1         # on CPU: unrolled, as XLA CPU runs loops ~10x slower
   c.xla_fast_compile = False    # XLA CPU opt level 0: ~20% quicker compiles, 1.6x slower steps

@@ -1,9 +1,7 @@
 """The tiny pipeline config the training tests share, as overrides of
 configs/smoke.py, so a subprocess can be given the same as flags."""
 
-import os
-import shutil
-
+from bsq_jax.checkpoint import copy_stages
 from configs import smoke
 
 # ResNet-8 (width 4), 256 synthetic images, one epoch per stage (smoke's).
@@ -31,8 +29,4 @@ def as_flags(**changes):
 
 def copy_run(src, dst, stages=("pretrain", "convert")):
   """A new workdir holding `src`'s finished `stages` (skips redoing them)."""
-  os.makedirs(dst)
-  shutil.copy(os.path.join(src, "run.json"), dst)
-  for stage in stages:
-    shutil.copytree(os.path.join(src, stage), os.path.join(dst, stage))
-  return str(dst)
+  return copy_stages(src, str(dst), stages)

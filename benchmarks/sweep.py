@@ -1,0 +1,402 @@
+"""Fashion-MNIST alpha sweep: BSQ's accuracy / compression trade-off on real data.
+
+    apt-get install -y dataset-fashion-mnist
+    python benchmarks/sweep.py --preset cpu --out results/fashion_mnist.md
+
+ResNet-20 with 4-bit activations, following the paper's procedure:
+- one float pretraining and its 8-bit conversion, shared by every run;
+- BSQ at each alpha of the preset, then finetuning;
+- from-scratch at the middle alpha: the float model converted to the scheme
+  BSQ found, finetuned with the same schedule;
+- budget mode (issue #8) at each target of average bits, then finetuning;
+- uniform baselines: the float model at 2, 3 and 4 bits everywhere, finetuned.
+
+Each run is a workdir under --workdir, so an interrupted sweep resumes where
+it stopped (finished stages are skipped). The report, with the command at the
+top, goes to --out and the PNG plots beside it in `<out stem>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=wrong-import-position
+from bsq_jax.checkpoint import copy_stages
+from configs import fashion_mnist_resnet20
+
+Schedule = Tuple[int, Tuple[int, ...]]  # (epochs, lr milestones)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  train_subset: int            # first N training images (0 = all 60,000)
+  pretrain: Schedule
+  bsq: Schedule
+  finetune: Schedule           # also scratch's and the uniform baselines'
+  requant_interval: int        # BSQ epochs between host passes
+  alphas: Tuple[float, ...]
+  targets: Tuple[float, ...]   # budget mode, average bits
+  uniform_bits: Tuple[int, ...] = (2, 3, 4)
+
+
+PRESETS = {
+    # 2 CPU cores, under 90 minutes. 23 steps of 128 per epoch. The alphas
+    # are this schedule's own (184 BSQ steps, not the paper's ~137,000).
+    # (A calibration run at alpha 1 was still at 7.2 bits after 4 epochs.)
+    "cpu": Preset(train_subset=3000, pretrain=(10, (7,)), bsq=(8, (6,)),
+                  finetune=(2, (1,)), requant_interval=2,
+                  alphas=(1.0, 2.0, 4.0, 8.0), targets=(4.0, 3.0, 2.0)),
+    # The paper's epochs and alphas, for an accelerator.
+    "full": Preset(train_subset=0, pretrain=(350, (150, 250, 325)),
+                   bsq=(350, (250,)), finetune=(300, (150, 250)),
+                   requant_interval=100,
+                   alphas=(1e-3, 2e-3, 5e-3, 1e-2, 2e-2),
+                   targets=(4.0, 3.0, 2.0)),
+}
+
+
+def scaled(preset: Preset, factor: float) -> Preset:
+  """Every epoch count, milestone and the re-quantization interval times
+  `factor` (at least 1 epoch each)."""
+  def sched(s: Schedule) -> Schedule:
+    return (max(1, round(s[0] * factor)),
+            tuple(max(1, round(m * factor)) for m in s[1]))
+  return dataclasses.replace(
+      preset, pretrain=sched(preset.pretrain), bsq=sched(preset.bsq),
+      finetune=sched(preset.finetune),
+      requant_interval=max(1, round(preset.requant_interval * factor)))
+
+
+@dataclasses.dataclass
+class Planned:
+  name: str
+  stages: str
+  changes: Dict[str, object]   # config overrides ("a.b": value)
+  copy_from: Optional[str]     # a run whose stages this one starts from
+  copy_stages: Tuple[str, ...] = ()
+
+
+def middle(alphas) -> float:
+  return sorted(alphas)[len(alphas) // 2]
+
+
+def plan(p: Preset) -> List[Planned]:
+  """The runs in order: the shared base first, then everything built on it."""
+  mid = middle(p.alphas)
+  runs = [Planned("base", "pretrain,convert", {}, None)]
+  for a in p.alphas:
+    stages = "bsq,finetune" + (",scratch" if a == mid else "")
+    # The middle alpha's run is tested every epoch: its curve is plotted.
+    changes = {"bsq.alpha": a, **({"eval_every": 1} if a == mid else {})}
+    runs.append(Planned(f"alpha_{a:g}", stages, changes, "base",
+                        ("pretrain", "convert")))
+  for t in p.targets:
+    runs.append(Planned(f"target_{t:g}", "bsq,finetune",
+                        {"bsq.alpha": None, "bsq.target_bits": t,
+                         "bsq.default_alpha": mid,
+                         "bsq.budget_alpha_min": min(p.alphas) / 10,
+                         "bsq.budget_alpha_max": max(p.alphas) * 10},
+                        "base", ("pretrain", "convert")))
+  for b in p.uniform_bits:
+    runs.append(Planned(f"uniform_{b}", "convert,uniform",
+                        {"convert.bits": b}, "base", ("pretrain",)))
+  return runs
+
+
+def config_for(p: Preset, run: Planned):
+  c = fashion_mnist_resnet20.get_config()
+  c.data.train_subset = p.train_subset
+  for name in ("pretrain", "bsq", "finetune"):
+    c[name].epochs, c[name].lr_milestones = getattr(p, name)
+  c.bsq.requant_interval = p.requant_interval
+  # The 10,000 test images cost about a short epoch on CPU: test only at the
+  # end of each stage, except where a run's curve is plotted.
+  c.eval_every = 10**6
+  c.stages = run.stages
+  for key, value in run.changes.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+# -- running ------------------------------------------------------------------
+
+def run_all(p: Preset, workdir: str) -> Dict[str, float]:
+  """Runs (or resumes) every planned run; returns seconds spent per run,
+  kept in <workdir>/times.json across resumptions."""
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  from bsq_jax import report  # pylint: disable=import-outside-toplevel
+  from bsq_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.INFO)
+  report.quiet_libraries()
+  times_path = os.path.join(workdir, "times.json")
+  times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+  for run in plan(p):
+    dst = os.path.join(workdir, run.name)
+    if run.copy_from and not os.path.exists(dst):
+      copy_stages(os.path.join(workdir, run.copy_from), dst, run.copy_stages)
+    print(f"sweep: {run.name} ({run.stages})", flush=True)
+    t0 = time.time()
+    train_and_evaluate(config_for(p, run), dst)
+    times[run.name] = times.get(run.name, 0.0) + time.time() - t0
+    with open(times_path, "w") as f:
+      json.dump(times, f, indent=1)
+  return times
+
+
+# -- reading the runs back ----------------------------------------------------
+
+def records(workdir: str, run: str) -> List[dict]:
+  with open(os.path.join(workdir, run, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def last(recs: List[dict], stage: str) -> Optional[dict]:
+  found = [r for r in recs if r["stage"] == stage]
+  return found[-1] if found else None
+
+
+def collect(p: Preset, workdir: str) -> dict:
+  """The figures of every run, as the report and the plots use them."""
+  base = records(workdir, "base")
+  out = {"float": last(base, "pretrain")["test_accuracy"],
+         "convert8": last(base, "convert")["test_accuracy"],
+         "alphas": [], "targets": [], "uniform": [], "curve": None}
+  for a in p.alphas:
+    recs = records(workdir, f"alpha_{a:g}")
+    bsq, ft, sc = last(recs, "bsq"), last(recs, "finetune"), last(recs, "scratch")
+    out["alphas"].append({
+        "alpha": a, "bits": bsq["average_bits"], "compression": bsq["compression"],
+        "bsq_acc": bsq["test_accuracy"], "ft_acc": ft["test_accuracy"],
+        "scratch_acc": sc["test_accuracy"] if sc else None,
+        "layers": bsq["bits"]})
+    if a == middle(p.alphas):
+      out["curve"] = {"alpha": a, "epochs": [0] + [r["epoch"] for r in recs
+                                                  if r["stage"] == "bsq"],
+                      "acc": [out["convert8"]] + [r.get("test_accuracy") for r in
+                                                  recs if r["stage"] == "bsq"],
+                      "bits": [8.0] + [r["average_bits"] for r in recs
+                                       if r["stage"] == "bsq"]}
+  for t in p.targets:
+    recs = records(workdir, f"target_{t:g}")
+    bsq, ft = last(recs, "bsq"), last(recs, "finetune")
+    alphas = [r["alpha"] for r in recs if r["stage"] == "bsq"]
+    rep = bsq.get("budget_report", {})
+    out["targets"].append({
+        "target": t, "bits": bsq["average_bits"],
+        "compression": bsq["compression"], "met": rep.get("met"),
+        "alpha_first": alphas[0], "alpha_last": alphas[-1],
+        "alpha_min": min(alphas), "alpha_max": max(alphas),
+        "bsq_acc": bsq["test_accuracy"], "ft_acc": ft["test_accuracy"]})
+  for b in p.uniform_bits:
+    recs = records(workdir, f"uniform_{b}")
+    cv, ft = last(recs, "convert"), last(recs, "uniform")
+    out["uniform"].append({"bits": b, "compression": ft["compression"],
+                           "convert_acc": cv["test_accuracy"],
+                           "ft_acc": ft["test_accuracy"]})
+  return out
+
+
+# -- report -------------------------------------------------------------------
+
+def pct(v: Optional[float]) -> str:
+  return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def claims(r: dict) -> List[str]:
+  """The paper's claims, checked on these figures (printed, not tuned)."""
+  rows = sorted(r["alphas"], key=lambda x: x["alpha"])
+  bits = [x["bits"] for x in rows]
+  lines = [f"- Larger alpha gives fewer bits: "
+           f"{'yes' if all(b1 >= b2 for b1, b2 in zip(bits, bits[1:])) else 'no'}"
+           f" ({' > '.join(f'{b:.2f}' for b in bits)} average bits)."]
+  low = [x for x in rows if 2.0 <= x["bits"] <= 3.5]
+  for x in low:
+    gap = 100 * (r["float"] - x["ft_acc"])
+    lines.append(f"- At {x['bits']:.2f} bits (alpha {x['alpha']:g}) the "
+                 f"finetuned model is {abs(gap):.2f} points "
+                 f"{'below' if gap > 0 else 'above'} float.")
+  if not low:
+    lines.append("- No alpha of this sweep landed at 2-3.5 average bits.")
+  mid = [x for x in rows if x["scratch_acc"] is not None]
+  for x in mid:
+    verdict = "beats" if x["ft_acc"] > x["scratch_acc"] else "does not beat"
+    lines.append(f"- At alpha {x['alpha']:g} ({x['bits']:.2f} bits) BSQ + "
+                 f"finetune ({pct(x['ft_acc'])}) {verdict} from-scratch at the "
+                 f"same scheme ({pct(x['scratch_acc'])}).")
+  for t in r["targets"]:
+    lines.append(f"- Budget target {t['target']:g} bits: "
+                 f"{t['bits']:.2f} bits, {abs(t['bits'] - t['target']):.2f} "
+                 f"from the target (asked: within 0.25).")
+  return lines
+
+
+def markdown(p: Preset, r: dict, command: str, times: Dict[str, float],
+             plot_dir: str, machine: dict) -> str:
+  total = sum(times.values())
+  rel = os.path.basename(plot_dir)
+  lines = [
+      "# Fashion-MNIST: BSQ's accuracy / compression trade-off", "",
+      f"Command: `{command}`", "",
+      f"Machine: {machine['cpu']}, {machine['cores']} cores, "
+      f"{machine['device']}, jax {machine['jax']}. Run time: "
+      f"{total / 60:.1f} min (sum over runs).", "",
+      f"ResNet-20 (4-bit activations, 1x1 shortcuts float), batch 128. "
+      f"Training images: "
+      f"{p.train_subset or 60000:,} (the first of 60,000); test: all 10,000. "
+      f"Epochs: pretrain {p.pretrain[0]} (lr 0.1, x0.1 at {list(p.pretrain[1])}), "
+      f"BSQ {p.bsq[0]} (lr 0.1, x0.1 at {list(p.bsq[1])}, re-quantization "
+      f"every {p.requant_interval}), finetune / scratch / uniform "
+      f"{p.finetune[0]} (lr 0.01, x0.1 at {list(p.finetune[1])}).", "",
+      f"Float baseline: **{pct(r['float'])}**; its 8-bit conversion: "
+      f"{pct(r['convert8'])}.", "",
+      "## Alpha sweep", "",
+      "| alpha | average bits | compression | after BSQ | after finetune | "
+      "from scratch, same scheme |",
+      "|---|---|---|---|---|---|"]
+  for x in sorted(r["alphas"], key=lambda x: x["alpha"]):
+    lines.append(f"| {x['alpha']:g} | {x['bits']:.2f} | {x['compression']:.2f}x"
+                 f" | {pct(x['bsq_acc'])} | {pct(x['ft_acc'])} | "
+                 f"{pct(x['scratch_acc'])} |")
+  lines += ["", "## Budget mode (target average bits instead of alpha)", "",
+            "| target | average bits | met | compression | alpha first -> last "
+            "(range) | after BSQ | after finetune |", "|---|---|---|---|---|---|---|"]
+  for t in r["targets"]:
+    lines.append(f"| {t['target']:g} | {t['bits']:.2f} | "
+                 f"{'yes' if t['met'] else 'no'} | {t['compression']:.2f}x | "
+                 f"{t['alpha_first']:.3g} -> {t['alpha_last']:.3g} "
+                 f"({t['alpha_min']:.3g}-{t['alpha_max']:.3g}) | "
+                 f"{pct(t['bsq_acc'])} | {pct(t['ft_acc'])} |")
+  lines += ["", "## Uniform precision baselines (every layer, finetuned)", "",
+            "| bits | compression | after conversion | after finetune |",
+            "|---|---|---|---|"]
+  for u in r["uniform"]:
+    lines.append(f"| {u['bits']} | {u['compression']:.2f}x | "
+                 f"{pct(u['convert_acc'])} | {pct(u['ft_acc'])} |")
+  lines += ["", "## The paper's claims on these figures", ""] + claims(r)
+  lines += ["", "## Plots", "",
+            f"![accuracy against bits]({rel}/accuracy_vs_bits.png)", "",
+            f"![per-layer precision]({rel}/layer_bits.png)", "",
+            f"![one run by epoch]({rel}/bsq_by_epoch.png)", "",
+            "## Time per run (seconds)", "",
+            "| run | seconds |", "|---|---|"]
+  lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
+  return "\n".join(lines) + "\n"
+
+
+def layer_order(name: str):
+  """Input to output: the stem, the residual stages, then the classifier."""
+  return (name.startswith("fc"), name)
+
+
+def plots(p: Preset, r: dict, plot_dir: str) -> List[str]:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  os.makedirs(plot_dir, exist_ok=True)
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  rows = sorted(r["alphas"], key=lambda x: x["bits"])
+  ax.plot([x["bits"] for x in rows], [100 * x["ft_acc"] for x in rows], "o-",
+          label="BSQ alpha sweep, finetuned")
+  for x in rows:
+    ax.annotate(f"{x['alpha']:g}", (x["bits"], 100 * x["ft_acc"]), fontsize=7,
+                textcoords="offset points", xytext=(3, 3))
+  ax.plot([t["bits"] for t in r["targets"]], [100 * t["ft_acc"] for t in r["targets"]],
+          "s", label="budget mode, finetuned")
+  ax.plot([u["bits"] for u in r["uniform"]], [100 * u["ft_acc"] for u in r["uniform"]],
+          "^", label="uniform precision, finetuned")
+  ax.axhline(100 * r["float"], color="gray", ls="--", label="float")
+  ax.set_xlabel("average bits per weight")
+  ax.set_ylabel("test accuracy (%)")
+  ax.legend(fontsize=8)
+  paths.append(_save(fig, plot_dir, "accuracy_vs_bits.png"))
+
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for x in sorted(r["alphas"], key=lambda x: x["alpha"]):
+    names = sorted(x["layers"], key=layer_order)
+    ax.plot(range(len(names)), [x["layers"][n] for n in names], "o-",
+            label=f"alpha {x['alpha']:g} ({x['bits']:.2f} bits)")
+  ax.set_xticks(range(len(names)))
+  ax.set_xticklabels([n.removesuffix("/kernel") for n in names], rotation=90,
+                     fontsize=6)
+  ax.set_ylabel("bits")
+  ax.legend(fontsize=8)
+  paths.append(_save(fig, plot_dir, "layer_bits.png"))
+
+  curve = r["curve"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  pts = [(e, a) for e, a in zip(curve["epochs"], curve["acc"]) if a is not None]
+  ax.plot([e for e, _ in pts], [100 * a for _, a in pts], "o-", color="C0")
+  ax.set_xlabel("BSQ epoch")
+  ax.set_ylabel("test accuracy (%)", color="C0")
+  ax2 = ax.twinx()
+  ax2.step(curve["epochs"], curve["bits"], where="pre", color="C1")
+  ax2.set_ylabel("average bits", color="C1")
+  for e in range(0, p.bsq[0] + 1, p.requant_interval):
+    ax.axvline(e, color="gray", ls=":", lw=0.8)
+  if p.bsq[0] % p.requant_interval:
+    ax.axvline(p.bsq[0], color="gray", ls=":", lw=0.8)
+  ax.set_title(f"alpha {curve['alpha']:g}; dotted: re-quantization")
+  paths.append(_save(fig, plot_dir, "bsq_by_epoch.png"))
+  return paths
+
+
+def _save(fig, plot_dir: str, name: str) -> str:
+  path = os.path.join(plot_dir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+  ap.add_argument("--scale", type=float, default=1.0,
+                  help="multiplies every epoch count of the preset")
+  ap.add_argument("--workdir", default=None,
+                  help="where the runs live (default workdirs/sweep_<preset>)")
+  ap.add_argument("--out", default="results/fashion_mnist.md")
+  ap.add_argument("--report-only", action="store_true",
+                  help="rewrite the report from finished runs, train nothing")
+  args = ap.parse_args(argv)
+  if args.scale <= 0:
+    ap.error(f"--scale: expected a positive factor, got {args.scale}")
+  preset = scaled(PRESETS[args.preset], args.scale)
+  workdir = args.workdir or os.path.join("workdirs", f"sweep_{args.preset}")
+  os.makedirs(workdir, exist_ok=True)
+  if args.report_only:
+    with open(os.path.join(workdir, "times.json")) as f:
+      times = json.load(f)
+  else:
+    times = run_all(preset, workdir)
+  from machine import machine as describe  # pylint: disable=import-outside-toplevel
+  command = "python benchmarks/sweep.py " + shlex.join(
+      a for a in (argv if argv is not None else sys.argv[1:])
+      if a != "--report-only")
+  result = collect(preset, workdir)
+  plot_dir = os.path.splitext(args.out)[0]
+  plots(preset, result, plot_dir)
+  text = markdown(preset, result, command, times, plot_dir, describe())
+  with open(args.out, "w") as f:
+    f.write(text)
+  with open(os.path.join(plot_dir, "figures.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()
