@@ -175,6 +175,22 @@ def test_budget_mode_steers_alpha(finished_run, tmp_path):
   assert rep["excess"] == pytest.approx(max(0.0, final["average_bits"] - 4.0))
 
 
+def test_uniform_baseline_and_eval_every(finished_run, tmp_path):
+  """`uniform` finetunes the conversion at convert.bits in every layer; with
+  eval_every 2 only epochs 2 and 3 (the last) are tested."""
+  config = tiny_config(**{"stages": "convert,uniform", "convert.bits": 3,
+                          "finetune.epochs": 3, "eval_every": 2})
+  workdir = copy_run(finished_run[0], tmp_path / "run", ("pretrain",))
+  table = train_and_evaluate(config, workdir)
+  assert "| uniform |" in table
+  result = load_result(workdir, "uniform")
+  assert result.mode == "finetune" and set(result.scheme.values()) == {3}
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  uniform = [r for r in records if r["stage"] == "uniform"]
+  assert [("test_accuracy" in r) for r in uniform] == [False, True, True]
+  assert all(r["average_bits"] == 3.0 for r in uniform)
+
+
 def test_unreadable_latest_checkpoint_is_set_aside_and_redone(tmp_path):
   """A damaged newest checkpoint is reported and moved aside, and its epoch
   is trained again from the one before: the result equals the undamaged
