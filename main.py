@@ -9,6 +9,7 @@ Thin on purpose: flags, devices, then `bsq_jax.train.train_and_evaluate`.
 import os
 import shlex
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,6 +23,8 @@ flags.DEFINE_string("coordinator_address", None, "Several hosts: process "
                     "0's host:port, the same on every process.")
 flags.DEFINE_integer("num_processes", None, "Several hosts: how many processes.")
 flags.DEFINE_integer("process_id", None, "Several hosts: this process's index.")
+flags.DEFINE_integer("init_timeout", 300, "Several hosts: seconds to wait for "
+                     "every process to reach the coordinator.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -46,17 +49,41 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("workdirs", name)
 
 
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
 def start_processes(jax) -> None:
   """jax.distributed over several processes; on CPU, gloo collectives."""
   missing = [f"--{n}" for n in ("num_processes", "process_id")
              if FLAGS[n].value is None]
   if missing:
-    print(f"error: --coordinator_address needs {' and '.join(missing)}",
-          file=sys.stderr)
-    sys.exit(1)
+    fail(f"--coordinator_address needs {' and '.join(missing)}")
+  n, i = FLAGS.num_processes, FLAGS.process_id
+  if n < 1 or not 0 <= i < n:
+    fail(f"--process_id: expected 0 <= process_id < --num_processes ({n}), "
+         f"got {i}")
+  if FLAGS.init_timeout < 1:
+    fail(f"--init_timeout: expected seconds >= 1, got {FLAGS.init_timeout}")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                             FLAGS.process_id)
+  # XLA aborts the process (no Python exception) when the processes do not
+  # all arrive, e.g. a --num_processes that disagrees between hosts. So a
+  # timer ends it first, with one line, before anything is written.
+  timer = threading.Timer(FLAGS.init_timeout, _exit_with, [
+      f"--num_processes {n}: not every process reached "
+      f"{FLAGS.coordinator_address} within --init_timeout {FLAGS.init_timeout}"
+      f"s; check --num_processes and the address on every host"])
+  timer.daemon = True
+  timer.start()
+  jax.distributed.initialize(FLAGS.coordinator_address, n, i,
+                             initialization_timeout=FLAGS.init_timeout + 60)
+  timer.cancel()
+
+
+def _exit_with(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  os._exit(1)  # pylint: disable=protected-access
 
 
 def main(argv):

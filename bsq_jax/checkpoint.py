@@ -31,6 +31,10 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be used here (other model, corrupt, missing)."""
 
 
+class ForeignCheckpoint(ValueError):
+  """A readable checkpoint of another model: never skipped as if corrupt."""
+
+
 @dataclasses.dataclass
 class Result:
   """What a stage left behind: enough to rebuild its model and variables."""

@@ -92,12 +92,26 @@ def load_torch_resnet(state_dict: Mapping[str, Any], depth: int,
 
 
 def read_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
-  """Reads a .pth file into numpy arrays. Needs torch (not a requirement)."""
+  """Reads a state_dict into numpy arrays keyed by PyTorch's names.
+
+  A `.npz` (``np.savez(path, **{k: v.numpy() for k, v in sd.items()})``)
+  needs nothing else; a `.pth` needs torch (not a requirement), and is loaded
+  with ``weights_only=True``.
+  """
+  if path.endswith(".npz"):
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        return {k.removeprefix("module."): f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{path}: expected a .npz of arrays keyed by PyTorch "
+                       f"parameter names ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''})") from e
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(f"reading {path} needs PyTorch: pip install torch "
-                      f"(CPU build is enough)") from e
+                      f"(CPU build is enough), or save the state_dict as "
+                      f".npz") from e
   obj = torch.load(path, map_location="cpu", weights_only=True)
   if isinstance(obj, dict) and "state_dict" in obj:
     obj = obj["state_dict"]

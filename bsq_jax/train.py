@@ -29,13 +29,18 @@ from bsq_jax import config_check
 from bsq_jax import optim
 from bsq_jax import report
 from bsq_jax import scheme as sch
-from bsq_jax.checkpoint import (CheckpointError, Result, StageCheckpoints,
-                                abstract_state)
+from bsq_jax.checkpoint import (CheckpointError, ForeignCheckpoint, Result,
+                                StageCheckpoints, abstract_state)
 from bsq_jax.data import load_dataset
 from bsq_jax.epoch import AXIS, Trainer, check_batch, put_dataset
 from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model, init_variables, input_shape
 from bsq_jax.step import TrainState
+
+
+# The stages each stage starts from.
+INPUTS = {"convert": ("pretrain",), "bsq": ("convert",), "finetune": ("bsq",),
+          "scratch": ("bsq", "pretrain"), "uniform": ("convert",)}
 
 
 class Diverged(RuntimeError):
@@ -61,7 +66,10 @@ class Run:
     self.model_cfg = config.model.to_dict()
     ds = load_dataset(config.data)
     self._check_data(ds)
-    self._claim_workdir()  # only once the run is known to be able to start
+    held = self._check_workdir_identity()
+    self._inputs = self._read_inputs()
+    if not held:  # only once the run is known to be able to start
+      self._write_identity()
     self.train = put_dataset(ds.train_images, ds.train_labels, ds.mean, ds.std,
                              self.devices)
     self.test = put_dataset(ds.test_images, ds.test_labels, ds.mean, ds.std,
@@ -77,21 +85,43 @@ class Run:
     return {"model": self.model_cfg, "data": self.config.data.name,
             "seed": self.config.seed}
 
-  def _claim_workdir(self) -> None:
+  def _check_workdir_identity(self) -> bool:
+    """True if the workdir already holds this run; raises if another's."""
     path = os.path.join(self.workdir, "run.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        held = json.load(f)
-      if held != json.loads(json.dumps(self._identity())):
-        diff = [k for k in self._identity() if held.get(k) != self._identity()[k]]
-        raise CheckpointError(
-            f"--workdir {self.workdir} holds a run of another "
-            f"{'/'.join(diff)} ({path}); use a new --workdir")
-      return
+    if not os.path.exists(path):
+      return False
+    with open(path) as f:
+      held = json.load(f)
+    if held != json.loads(json.dumps(self._identity())):
+      diff = [k for k in self._identity() if held.get(k) != self._identity()[k]]
+      raise CheckpointError(
+          f"--workdir {self.workdir} holds a run of another "
+          f"{'/'.join(diff)} ({path}); use a new --workdir")
+    return True
+
+  def _write_identity(self) -> None:
     if report.is_writer():
       os.makedirs(self.workdir, exist_ok=True)
-      with open(path, "w") as f:
+      with open(os.path.join(self.workdir, "run.json"), "w") as f:
         json.dump(self._identity(), f, indent=1)
+
+  def _read_inputs(self) -> Dict[str, Result]:
+    """What the config's stages need from outside this run: earlier stages
+    that must have finished in the workdir, or the PyTorch start. Read before
+    anything is written, so a missing, corrupt or foreign one changes nothing.
+    """
+    stages = config_check.stages_of(self.config)
+    inputs = {}
+    for i, stage in enumerate(stages):
+      if self._done(stage):  # will be skipped: needs nothing
+        continue
+      if stage == "convert" and self.config.convert.init_from:
+        inputs["init_from"] = self._torch_start(self.config.convert.init_from)
+        continue
+      for need in INPUTS.get(stage, ()):
+        if need not in stages[:i] and need not in inputs:
+          inputs[need] = self._finished(need)
+    return inputs
 
   def _check_data(self, ds) -> None:
     shape = input_shape(self.model_cfg)
@@ -151,7 +181,7 @@ class Run:
                   budget_target=None) -> Result:
     """Trains one stage from `start` (or its own last checkpoint)."""
     ck = StageCheckpoints(self.workdir, stage)
-    result = ck.restore_latest(abstract_state)
+    result = ck.restore_latest(self._abstract_of_own)
     controller = None
     if result is not None:
       latest = result.epoch
@@ -310,15 +340,45 @@ class Run:
 
   # -- stages -----------------------------------------------------------------
 
+  def _done(self, stage: str) -> bool:
+    if not os.path.isdir(os.path.join(self.workdir, stage, "checkpoints")):
+      return False
+    ck = StageCheckpoints(self.workdir, stage, read_only=True)
+    try:
+      return ck.latest_epoch() is not None and ck.finished()
+    except CheckpointError:
+      return False
+
   def result_of(self, stage: str) -> Result:
     """The final checkpoint of an earlier stage, which must have finished."""
-    result = StageCheckpoints(self.workdir, stage,
-                              read_only=True).restore_latest(abstract_state)
+    if stage in self._inputs:
+      return self._inputs[stage]
+    return self._finished(stage)
+
+  def _finished(self, stage: str) -> Result:
+    ck = StageCheckpoints(self.workdir, stage, read_only=True)
+    result = ck.restore_latest(self._abstract_of_own)
     if result is None or not result.meta.get("finished"):
+      newest = ck.latest_epoch()
+      why = (f" (its newest checkpoint, {ck.directory}/{newest}, is "
+             f"unreadable)" if newest is not None and
+             (result is None or result.epoch != newest) else "")
       raise CheckpointError(f"config.stages: stage {stage!r} has not finished "
-                            f"in {self.workdir}; run it first (add it to "
+                            f"in {self.workdir}{why}; run it first (add it to "
                             f"config.stages)")
     return result
+
+  def _abstract_of_own(self, meta):
+    """abstract_state, for a checkpoint of this run's model only."""
+    held = meta.get("model_config")
+    if held != json.loads(json.dumps(self.model_cfg)):
+      diff = sorted(k for k in set(held or {}) | set(self.model_cfg)
+                    if (held or {}).get(k) != self.model_cfg.get(k))
+      raise ForeignCheckpoint(
+          f"{self.workdir}/{meta.get('stage')}: checkpoint of epoch "
+          f"{meta.get('epoch')} is of another model (model.{', model.'.join(diff)}"
+          f"); use a new --workdir")
+    return abstract_state(meta)
 
   def pretrain(self) -> Result:
     model = self.model("float")
@@ -335,7 +395,7 @@ class Run:
       logging.info("stage convert: finished; skipping")
       return self.result_of("convert")
     if self.config.convert.init_from:
-      source = self._torch_start(self.config.convert.init_from)
+      source = self._inputs["init_from"]
     else:
       source = self.result_of("pretrain")
     scheme = sch.uniform_scheme(self.model("float"), self.sample,
@@ -356,9 +416,12 @@ class Run:
     if not os.path.exists(path):
       raise config_check.ConfigError(f"config.convert.init_from: {path} does "
                                      f"not exist")
-    _, variables = pretrained.load_torch_resnet(
-        pretrained.read_torch_checkpoint(path), self.model_cfg["depth"],
-        self.model_cfg["num_classes"], self.model_cfg["act_bits"])
+    try:
+      _, variables = pretrained.load_torch_resnet(
+          pretrained.read_torch_checkpoint(path), self.model_cfg["depth"],
+          self.model_cfg["num_classes"], self.model_cfg["act_bits"])
+    except (ImportError, ValueError) as e:
+      raise config_check.ConfigError(f"config.convert.init_from: {e}") from e
     return Result("init_from", 0, self._meta("float", None, 0.0, True),
                   TrainState(variables["params"], variables["batch_stats"], ()))
 

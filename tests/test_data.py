@@ -3,7 +3,6 @@
 import gzip
 import io
 import os
-import struct
 import subprocess
 import sys
 import tarfile
@@ -14,8 +13,8 @@ import pytest
 
 from bsq_jax import data
 from bsq_jax.data import DataError, Dataset, load_dataset
-from bsq_jax.data import fashion_mnist
 from bsq_jax.data import synthetic
+from fake_fmnist import idx_images, idx_labels, write_fmnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,39 +178,6 @@ def test_synthetic_is_learnable_by_a_tiny_model():
 
 
 # ------------------------------------------------------------ fashion-mnist
-
-
-def idx_images(images, magic=2051, count=None, dims=None):
-  n, r, c = images.shape
-  r, c = dims or (r, c)
-  return struct.pack(">iiii", magic, n if count is None else count, r,
-                     c) + images.tobytes()
-
-
-def idx_labels(labels, magic=2049, count=None):
-  return struct.pack(">ii", magic, len(labels) if count is None else
-                     count) + np.asarray(labels, np.uint8).tobytes()
-
-
-def write_fmnist(folder, n_train=12, n_test=5, gz=True, overrides=None):
-  """Writes the four IDX files; overrides maps file name -> raw bytes."""
-  rng = np.random.default_rng(0)
-  contents = {}
-  for split, n in (("train", n_train), ("test", n_test)):
-    image_file, label_file = fashion_mnist.FILES[split]
-    contents[image_file] = idx_images(
-        rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-    contents[label_file] = idx_labels(np.arange(n) % 10)
-  contents.update(overrides or {})
-  os.makedirs(folder, exist_ok=True)
-  for name, raw in contents.items():
-    if gz:
-      with gzip.open(os.path.join(folder, name + ".gz"), "wb") as f:
-        f.write(raw)
-    else:
-      with open(os.path.join(folder, name), "wb") as f:
-        f.write(raw)
-  return contents
 
 
 @pytest.mark.parametrize("gz", [True, False])
