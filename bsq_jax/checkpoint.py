@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from bsq_jax import faults
 from bsq_jax import optim
 from bsq_jax.config_check import STAGES
 from bsq_jax.layers import Quant, freeze_scheme
@@ -89,6 +90,7 @@ class StageCheckpoints:
     self.manager.save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True)
+    faults.point("save")  # the write goes on in orbax's thread
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -26,6 +26,7 @@ from absl import logging
 
 from bsq_jax import budget
 from bsq_jax import config_check
+from bsq_jax import faults
 from bsq_jax import optim
 from bsq_jax import report
 from bsq_jax import scheme as sch
@@ -204,7 +205,10 @@ class Run:
     interval = self.config.bsq.requant_interval
     for epoch in range(first, epochs):
       if host_pass and epoch % interval == 0:
+        before = scheme
         state, scheme = self.host_pass(stage, state, sched, epoch)
+        if scheme != before:
+          faults.point("host_pass")
       if controller is not None:
         alpha = controller.alpha_for_epoch(epoch)
       trainer = self.trainer(mode, scheme, state.params, sched)
@@ -319,6 +323,7 @@ class Run:
                        f"epoch {epoch + 1}, {steps}; {kept}")
       totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
       done += n
+      faults.point("step")
       progress.update(n, loss=totals["loss"] / done,
                       acc=totals["accuracy"] / done)
     seconds = progress.close()

@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,7 +14,9 @@ from bsq_jax import bitplanes as bp
 from bsq_jax import scheme as sch
 from bsq_jax.checkpoint import load_result
 from bsq_jax.train import Diverged, Run, train_and_evaluate
-from tiny import copy_run, tiny_config
+from tiny import as_flags, copy_run, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -150,25 +155,24 @@ def test_scheme_change_compiles_once(finished_run, tmp_path):
   assert trainer2.traces == 1 and trainer.traces == 1
 
 
-def test_budget_mode_steers_alpha(finished_run, tmp_path):
-  """The controller changes alpha per epoch and reports on the target.
-
-  A tiny model over 4 short epochs does not reach 4 bits (seen: 5.9 bits
-  after 10 epochs); the simulated plants of test_budget.py test the rule.
-  """
+def test_budget_mode_reaches_4_bits_from_8(finished_run, tmp_path):
+  """A tiny model asked for 4 average bits gets there from 8 within 0.5 bits,
+  with alpha steered per epoch (seen: 3.81 bits, alpha 5 -> 0.16)."""
   config = tiny_config(**{"stages": "bsq",
                           "bsq.alpha": None, "bsq.target_bits": 4.0,
-                          "bsq.epochs": 4, "bsq.requant_interval": 2,
-                          "bsq.lr": 0.02, "bsq.default_alpha": 4.0,
-                          "bsq.budget_alpha_max": 50.0})
+                          "bsq.epochs": 6, "bsq.requant_interval": 3,
+                          "bsq.lr": 0.05, "bsq.default_alpha": 5.0,
+                          "bsq.budget_alpha_min": 0.1,
+                          "bsq.budget_alpha_max": 100.0, "eval_every": 100})
   workdir = copy_run(finished_run[0], tmp_path / "run")
   train_and_evaluate(config, workdir)
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   bsq = [r for r in records if r["stage"] == "bsq"]
+  assert records[0]["average_bits"] == 8.0  # the conversion it started from
   assert len({r["alpha"] for r in bsq}) > 1
   assert all("budget_measured" in r for r in bsq)
   final = bsq[-1]
-  assert final["average_bits"] < 8.0
+  assert abs(final["average_bits"] - 4.0) <= 0.5
   rep = final["budget_report"]
   assert rep["final"] == pytest.approx(final["average_bits"])
   assert rep["met"] == (final["average_bits"] <= 4.0)
@@ -212,3 +216,35 @@ def test_unreadable_latest_checkpoint_is_set_aside_and_redone(tmp_path):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     epochs = [json.loads(line)["epoch"] for line in f]
   assert epochs == [1, 2]
+
+
+def _records(workdir):
+  """metrics.jsonl without the wall-clock field, which no rerun repeats."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"}
+            for line in f]
+
+
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(finished_run,
+                                                           tmp_path):
+  """BSQ is killed with SIGKILL right after a host pass that changed the
+  precision, mid-epoch, and while a checkpoint is being written, each time
+  restarted in the same workdir; the final parameters and metrics are those
+  of a run that was never interrupted."""
+  changes = {"stages": "bsq", "bsq.epochs": 5, "bsq.requant_interval": 1}
+  want = copy_run(finished_run[0], tmp_path / "want")
+  train_and_evaluate(tiny_config(**changes), want)
+  got = copy_run(finished_run[0], tmp_path / "got")
+  for die_at in ("host_pass:2", "step:3", "save:1"):
+    result = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/smoke.py",
+         f"--workdir={got}", *as_flags(**changes)],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, BSQ_JAX_DIE_AT=die_at),
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, (die_at, result.stderr[-3000:])
+  train_and_evaluate(tiny_config(**changes), got)  # the last restart ends it
+  a, b = load_result(want, "bsq"), load_result(got, "bsq")
+  assert a.epoch == b.epoch == 5 and a.scheme == b.scheme
+  for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+    np.testing.assert_array_equal(x, y)
+  assert _records(got) == _records(want)
