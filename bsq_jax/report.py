@@ -22,7 +22,11 @@ class _DropLibraryChatter:
   """Keeps orbax's per-save INFO lines out of the run log."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    # Reading an earlier stage's checkpoints read-only is intended.
+    return (record.levelno >= 30 and
+            not record.getMessage().startswith("Given directory is read only"))
 
 
 def quiet_libraries() -> None:
