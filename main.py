@@ -34,9 +34,11 @@ def parse_flags(argv):
     return FLAGS(argv)
   except flags.Error as e:
     message = str(e)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
+  except (AttributeError, KeyError) as e:
     # ml_collections raises these for an override of a field that does not
-    # exist or does not take the given type.
+    # exist; the rest (TypeError, ValueError) for a value of the wrong type.
+    message = f"the config has no field {str(e).strip(chr(34) + chr(39))!r}"
+  except (TypeError, ValueError) as e:
     message = f"{type(e).__name__}: {e}"
   override = [a for a in argv[1:] if a.startswith("--config.")]
   print(f"error: bad --config override {' '.join(override)}: "

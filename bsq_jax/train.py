@@ -426,7 +426,9 @@ class Run:
           pretrained.read_torch_checkpoint(path), self.model_cfg["depth"],
           self.model_cfg["num_classes"], self.model_cfg["act_bits"])
     except (ImportError, ValueError) as e:
-      raise config_check.ConfigError(f"config.convert.init_from: {e}") from e
+      where = "" if path in str(e) else f"{path}: "
+      raise config_check.ConfigError(
+          f"config.convert.init_from: {where}{e}") from e
     return Result("init_from", 0, self._meta("float", None, 0.0, True),
                   TrainState(variables["params"], variables["batch_stats"], ()))
 
