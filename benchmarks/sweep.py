@@ -244,7 +244,7 @@ def claims(r: dict) -> List[str]:
 
 
 def markdown(p: Preset, r: dict, command: str, times: Dict[str, float],
-             plot_dir: str, machine: dict) -> str:
+             plot_dir: str, machine: dict, note: str = "") -> str:
   total = sum(times.values())
   rel = os.path.basename(plot_dir)
   lines = [
@@ -252,7 +252,10 @@ def markdown(p: Preset, r: dict, command: str, times: Dict[str, float],
       f"Command: `{command}`", "",
       f"Machine: {machine['cpu']}, {machine['cores']} cores, "
       f"{machine['device']}, jax {machine['jax']}. Run time: "
-      f"{total / 60:.1f} min (sum over runs).", "",
+      f"{total / 60:.1f} min (sum over runs).", ""]
+  if note:
+    lines += [f"Note: {note}", ""]
+  lines += [
       f"ResNet-20 (4-bit activations, 1x1 shortcuts float), batch 128. "
       f"Training images: "
       f"{p.train_subset or 60000:,} (the first of 60,000); test: all 10,000. "
@@ -362,6 +365,19 @@ def _save(fig, plot_dir: str, name: str) -> str:
   return path
 
 
+def shown_command(argv: List[str]) -> str:
+  """The command that reproduces the runs: without --report-only / --note."""
+  kept, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == "--note":
+      skip = True
+    elif a != "--report-only" and not a.startswith("--note="):
+      kept.append(a)
+  return "python benchmarks/sweep.py " + shlex.join(kept)
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -372,6 +388,9 @@ def main(argv=None) -> None:
   ap.add_argument("--out", default="results/fashion_mnist.md")
   ap.add_argument("--report-only", action="store_true",
                   help="rewrite the report from finished runs, train nothing")
+  ap.add_argument("--note", default="",
+                  help="a line for the report about how it was run (e.g. "
+                       "what else ran on the machine)")
   args = ap.parse_args(argv)
   if args.scale <= 0:
     ap.error(f"--scale: expected a positive factor, got {args.scale}")
@@ -384,13 +403,12 @@ def main(argv=None) -> None:
   else:
     times = run_all(preset, workdir)
   from machine import machine as describe  # pylint: disable=import-outside-toplevel
-  command = "python benchmarks/sweep.py " + shlex.join(
-      a for a in (argv if argv is not None else sys.argv[1:])
-      if a != "--report-only")
+  command = shown_command(argv if argv is not None else sys.argv[1:])
   result = collect(preset, workdir)
   plot_dir = os.path.splitext(args.out)[0]
   plots(preset, result, plot_dir)
-  text = markdown(preset, result, command, times, plot_dir, describe())
+  text = markdown(preset, result, command, times, plot_dir, describe(),
+                  args.note)
   with open(args.out, "w") as f:
     f.write(text)
   with open(os.path.join(plot_dir, "figures.json"), "w") as f:

@@ -119,6 +119,13 @@ def test_plots_are_written(fake_sweep, tmp_path):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_shown_command_is_the_one_that_trains():
+  assert sweep.shown_command(["--preset", "cpu", "--report-only", "--note",
+                              "shared machine", "--out=x.md"]) == (
+      "python benchmarks/sweep.py --preset cpu --out=x.md")
+  assert sweep.shown_command(["--note=a b"]) == "python benchmarks/sweep.py "
+
+
 def test_layers_go_from_input_to_classifier():
   names = ["fc/kernel", "layer2_0/conv1/kernel", "conv1/kernel",
            "layer1_0/conv1/kernel"]
