@@ -138,8 +138,13 @@ class StageCheckpoints:
     return None
 
   def finished(self) -> bool:
+    """Whether the newest checkpoint is a stage's last; an unreadable one is
+    not (restore_latest sets it aside and the stage goes on from before)."""
     epoch = self.latest_epoch()
-    return epoch is not None and bool(self.meta(epoch).get("finished"))
+    try:
+      return epoch is not None and bool(self.meta(epoch).get("finished"))
+    except CheckpointError:
+      return False
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -348,11 +348,7 @@ class Run:
   def _done(self, stage: str) -> bool:
     if not os.path.isdir(os.path.join(self.workdir, stage, "checkpoints")):
       return False
-    ck = StageCheckpoints(self.workdir, stage, read_only=True)
-    try:
-      return ck.latest_epoch() is not None and ck.finished()
-    except CheckpointError:
-      return False
+    return StageCheckpoints(self.workdir, stage, read_only=True).finished()
 
   def result_of(self, stage: str) -> Result:
     """The final checkpoint of an earlier stage, which must have finished."""
@@ -395,10 +391,11 @@ class Run:
 
   def convert(self) -> Result:
     ck = StageCheckpoints(self.workdir, "convert")
-    if ck.finished():
+    done = ck.restore_latest(self._abstract_of_own)  # sets a damaged one aside
+    if done is not None and done.meta.get("finished"):
       ck.close()
       logging.info("stage convert: finished; skipping")
-      return self.result_of("convert")
+      return done
     if self.config.convert.init_from:
       source = self._inputs["init_from"]
     else:

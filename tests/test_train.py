@@ -219,6 +219,20 @@ def test_unreadable_latest_checkpoint_is_set_aside_and_redone(tmp_path):
   assert epochs == [1, 2]
 
 
+def test_damaged_conversion_is_set_aside_and_redone(finished_run, tmp_path):
+  workdir = copy_run(finished_run[0], tmp_path / "run")
+  want = load_result(workdir, "convert").state.params
+  checkpoints = tmp_path / "run" / "convert" / "checkpoints"
+  for f in (checkpoints / "0").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"\x00")
+  train_and_evaluate(tiny_config(**{"stages": "convert"}), workdir)
+  assert (checkpoints / "0.unreadable").is_dir()
+  got = load_result(workdir, "convert").state.params
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
 def _records(workdir):
   """metrics.jsonl without the wall-clock field, which no rerun repeats."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
