@@ -284,7 +284,7 @@ class Run:
         alpha0=bsq_cfg.default_alpha, alpha_min=bsq_cfg.budget_alpha_min,
         alpha_max=bsq_cfg.budget_alpha_max)
     for warning in controller.warnings:
-      logging.warning("budget: %s", warning)
+      logging.warning("%s", warning)
     return controller
 
   def _meta(self, mode, scheme, alpha, finished) -> Dict[str, Any]:
