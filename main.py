@@ -93,9 +93,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if FLAGS.config.xla_fast_compile:  # must be set before JAX starts
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_backend_optimization_level=0"
-                               " --xla_llvm_disable_expensive_passes=true")
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    # Only what is missing: the same flags give the same compile-cache keys.
+    os.environ["XLA_FLAGS"] = " ".join([flags_now] + [
+        f for f in ("--xla_backend_optimization_level=0",
+                    "--xla_llvm_disable_expensive_passes=true")
+        if f.split("=")[0] not in flags_now]).strip()
   import jax  # pylint: disable=import-outside-toplevel
   from bsq_jax import errors, report, train  # pylint: disable=import-outside-toplevel
   report.quiet_libraries()

@@ -1,6 +1,7 @@
 """Test setup: JAX on CPU with 8 forced devices, set before JAX starts."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -12,4 +13,11 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += (" --xla_backend_optimization_level=0"
                               " --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One XLA compile cache for this pytest session, shared with the processes
+# the tests start: many tests compile the same tiny train step, and a
+# killed-and-restarted run should not pay for it again. A fresh folder per
+# session, so no result depends on an earlier session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="bsq_jax_xla_cache_")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
