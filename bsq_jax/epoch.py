@@ -17,7 +17,7 @@ which compiles one step whatever the chunk length.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -205,17 +205,3 @@ class Trainer:
     return {"test_loss": float(totals["loss"] / totals["count"]),
             "test_accuracy": float(totals["correct"] / totals["count"])}
 
-
-def one_chunk_behind(chunks: Iterator[Tuple[TrainState, int, Any]]
-                     ) -> Iterator[Tuple[TrainState, int, Dict[str, Any]]]:
-  """`train_epoch`'s (state, steps, sums) with the sums on the host, each
-  yielded once the next chunk is dispatched: reading a chunk's metrics then
-  waits for that chunk only, and the device already has the next one queued
-  instead of idling while the host logs."""
-  pending = None
-  for item in chunks:
-    if pending is not None:
-      yield pending[0], pending[1], jax.device_get(pending[2])
-    pending = item
-  if pending is not None:
-    yield pending[0], pending[1], jax.device_get(pending[2])

@@ -33,8 +33,7 @@ from bsq_jax import scheme as sch
 from bsq_jax.checkpoint import (CheckpointError, ForeignCheckpoint, Result,
                                 StageCheckpoints, abstract_state)
 from bsq_jax.data import load_dataset
-from bsq_jax.epoch import (AXIS, Trainer, check_batch, one_chunk_behind,
-                           put_dataset)
+from bsq_jax.epoch import AXIS, Trainer, check_batch, put_dataset
 from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model, init_variables, input_shape
 from bsq_jax.step import TrainState
@@ -312,8 +311,9 @@ class Run:
     steps = trainer.steps_per_epoch(self.train)
     progress = report.Progress(steps, f"{stage} epoch {epoch + 1}")
     totals, done = {}, 0
-    for state, n, sums in one_chunk_behind(trainer.train_epoch(
-        state, self.train, self.config.seed, epoch)):
+    for state, n, sums in trainer.train_epoch(state, self.train,
+                                              self.config.seed, epoch):
+      sums = jax.device_get(sums)
       if not all(math.isfinite(float(v)) for v in sums.values()):
         steps = (f"step {done + 1}" if n == 1 else
                  f"steps {done + 1}-{done + n}")

@@ -13,7 +13,6 @@ import pytest
 from bsq_jax import bitplanes as bp
 from bsq_jax import scheme as sch
 from bsq_jax.checkpoint import load_result
-from bsq_jax.epoch import one_chunk_behind
 from bsq_jax.train import Diverged, Run, train_and_evaluate
 from tiny import as_flags, copy_run, tiny_config
 
@@ -267,21 +266,3 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(finished_run,
     np.testing.assert_array_equal(x, y)
   assert _records(got) == _records(want)
 
-
-def test_metrics_are_read_one_chunk_behind():
-  """A chunk's metrics are read once the next chunk is dispatched; the last
-  state comes out last."""
-  log = []
-
-  def chunks():
-    for k in range(3):
-      log.append(f"dispatch {k}")
-      yield f"state{k}", 1, {"loss": np.float32(k)}
-
-  out = []
-  for state, _, sums in one_chunk_behind(chunks()):
-    log.append(f"read {state}")
-    out.append((state, float(sums["loss"])))
-  assert out == [("state0", 0.0), ("state1", 1.0), ("state2", 2.0)]
-  assert log == ["dispatch 0", "dispatch 1", "read state0", "dispatch 2",
-                 "read state1", "read state2"]
