@@ -122,12 +122,7 @@ def config_for(p: Preset, run: Planned):
   # end of each stage, except where a run's curve is plotted.
   c.eval_every = 10**6
   c.stages = run.stages
-  for key, value in run.changes.items():
-    node = c
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
+  c.update_from_flattened_dict(run.changes)
   return c
 
 
@@ -182,13 +177,12 @@ def collect(p: Preset, workdir: str) -> dict:
         "bsq_acc": bsq["test_accuracy"], "ft_acc": ft["test_accuracy"],
         "scratch_acc": sc["test_accuracy"] if sc else None,
         "layers": bsq["bits"]})
-    if a == middle(p.alphas):
-      out["curve"] = {"alpha": a, "epochs": [0] + [r["epoch"] for r in recs
-                                                  if r["stage"] == "bsq"],
-                      "acc": [out["convert8"]] + [r.get("test_accuracy") for r in
-                                                  recs if r["stage"] == "bsq"],
-                      "bits": [8.0] + [r["average_bits"] for r in recs
-                                       if r["stage"] == "bsq"]}
+    if a == middle(p.alphas):  # from the 8-bit conversion on
+      epochs = [r for r in recs if r["stage"] == "bsq"]
+      out["curve"] = {
+          "alpha": a, "epochs": [0] + [r["epoch"] for r in epochs],
+          "acc": [out["convert8"]] + [r.get("test_accuracy") for r in epochs],
+          "bits": [8.0] + [r["average_bits"] for r in epochs]}
   for t in p.targets:
     recs = records(workdir, f"target_{t:g}")
     bsq, ft = last(recs, "bsq"), last(recs, "finetune")

@@ -82,9 +82,11 @@ class Run:
   # -- set-up checks ----------------------------------------------------------
 
   def _identity(self) -> Dict[str, Any]:
-    """What must match for a workdir's checkpoints to belong to this run."""
-    return {"model": self.model_cfg, "data": self.config.data.name,
-            "seed": self.config.seed}
+    """What must match for a workdir's checkpoints to belong to this run
+    (as JSON reads it back: tuples become lists)."""
+    return json.loads(json.dumps(
+        {"model": self.model_cfg, "data": self.config.data.name,
+         "seed": self.config.seed}))
 
   def _check_workdir_identity(self) -> bool:
     """True if the workdir already holds this run; raises if another's."""
@@ -93,8 +95,9 @@ class Run:
       return False
     with open(path) as f:
       held = json.load(f)
-    if held != json.loads(json.dumps(self._identity())):
-      diff = [k for k in self._identity() if held.get(k) != self._identity()[k]]
+    want = self._identity()
+    if held != want:
+      diff = [k for k in want if held.get(k) != want[k]]
       raise CheckpointError(
           f"--workdir {self.workdir} holds a run of another "
           f"{'/'.join(diff)} ({path}); use a new --workdir")
@@ -372,7 +375,7 @@ class Run:
   def _abstract_of_own(self, meta):
     """abstract_state, for a checkpoint of this run's model only."""
     held = meta.get("model_config")
-    if held != json.loads(json.dumps(self.model_cfg)):
+    if held != self._identity()["model"]:
       diff = sorted(k for k in set(held or {}) | set(self.model_cfg)
                     if (held or {}).get(k) != self.model_cfg.get(k))
       raise ForeignCheckpoint(

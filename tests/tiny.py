@@ -13,12 +13,7 @@ TINY = {"model.width": 4, "batch_size": 64, "eval_batch_size": 64,
 def tiny_config(**changes):
   """smoke.get_config() with TINY and then `changes` ("a.b": value) set."""
   c = smoke.get_config()
-  for key, value in {**TINY, **changes}.items():
-    node = c
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
+  c.update_from_flattened_dict({**TINY, **changes})
   return c
 
 
