@@ -52,10 +52,11 @@ def check(config: Mapping[str, Any]) -> None:
   _number(config, "chunk_steps", int, 1)
   _number(config, "cpu_chunk_steps", int, 1)
   _number(config, "eval_every", int, 1)
-  depth = _number(config, "model.depth", int, 8)
-  if (depth - 2) % 6:
-    raise ConfigError(f"config.model.depth: expected 6k+2 (20, 32, 44, 56, "
-                      f"110), got {depth}")
+  if config["model"]["name"] == "cifar_resnet":
+    depth = _number(config, "model.depth", int, 8)
+    if (depth - 2) % 6:
+      raise ConfigError(f"config.model.depth: expected 6k+2 (20, 32, 44, 56, "
+                        f"110), got {depth}")
   _number(config, "model.num_classes", int, 2)
   act = _number(config, "model.act_bits", int, 1)
   if not (act <= 16 or act == 32):

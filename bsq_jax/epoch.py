@@ -1,6 +1,10 @@
-"""Compiled epochs over a dataset that lives on the accelerator.
+"""Compiled epochs: over a dataset on the accelerator, or fed from the host.
 
-The dataset is placed once on every local device. An epoch is a few
+A small dataset (`DeviceData`) lives on the accelerator; a large one
+(`stream.Stream`, ImageNet) is decoded on the host and fed batch by batch,
+each batch split over the local devices by one pmapped train step.
+
+The on-device dataset is placed once on every local device. An epoch is a few
 dispatches of a pmapped `lax.scan` over `chunk_steps` train steps; each step
 gathers its global batch from a permutation that depends only on (seed,
 epoch), takes this device's slice, augments it and trains. Replicated state
@@ -25,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bsq_jax import augment
+from bsq_jax.data.stream import Stream
 from bsq_jax.step import TrainState, make_eval_step, make_train_step
 
 AXIS = "batch"
@@ -75,6 +80,11 @@ def _local_slice(x: jax.Array, lane: jax.Array, per_device: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, lane * per_device, per_device)
 
 
+def _dropout_key(step_key: jax.Array, lane: jax.Array) -> jax.Array:
+  """Dropout masks differ per step and per device."""
+  return jax.random.fold_in(jax.random.fold_in(step_key, 7), lane)
+
+
 class Trainer:
   """Compiled train/eval functions for one model (one scheme, one mode)."""
 
@@ -108,6 +118,13 @@ class Trainer:
     self._eval = jax.pmap(self._eval_chunk, axis_name=AXIS,
                           in_axes=(0, None, None, None, None), out_axes=None,
                           devices=self.device_list)
+    # Host-fed: one step per dispatch, each device given its own slice.
+    self._fed_step = jax.pmap(self._train_fed, axis_name=AXIS,
+                              in_axes=(0, None, 0, 0, None, None),
+                              out_axes=None, devices=self.device_list)
+    self._fed_eval = jax.pmap(self.eval_step, axis_name=AXIS,
+                              in_axes=(None, None, 0, 0, 0), out_axes=None,
+                              devices=self.device_list)
 
   # -- traced ---------------------------------------------------------------
 
@@ -120,13 +137,14 @@ class Trainer:
       ids = jax.lax.dynamic_slice_in_dim(order, i * self.batch, self.batch)
       ids = _local_slice(ids, lane, self.per_device)
       images = data.images[ids]
+      step_key = jax.random.fold_in(key, first_step + i)
       if self.augment:
-        offsets, flips = augment.draw(jax.random.fold_in(key, first_step + i),
-                                      self.batch)
+        offsets, flips = augment.draw(step_key, self.batch)
         images = augment.crop_flip(images, _local_slice(offsets, lane, self.per_device),
                                    _local_slice(flips, lane, self.per_device))
       images = augment.normalize(images, data.mean, data.std)
-      return self.train_step(state, images, data.labels[ids])
+      return self.train_step(state, images, data.labels[ids],
+                             _dropout_key(step_key, lane))
 
     state, metrics = self._loop(body, state, steps)
     return state, jax.tree.map(jnp.sum, metrics)
@@ -150,6 +168,11 @@ class Trainer:
     totals, _ = self._loop(body, jax.tree.map(jnp.float32, zero), steps)
     return totals
 
+  def _train_fed(self, lane, state: TrainState, images, labels, key, step):
+    self.traces += 1
+    return self.train_step(state, images, labels,
+                           _dropout_key(jax.random.fold_in(key, step), lane))
+
   def _loop(self, body, carry, steps: int):
     """`lax.scan(body, carry, arange(steps))`, straight-line on CPU."""
     if not self.straight_line:
@@ -162,13 +185,20 @@ class Trainer:
 
   # -- host -----------------------------------------------------------------
 
-  def steps_per_epoch(self, data: DeviceData) -> int:
+  def steps_per_epoch(self, data) -> int:
+    if isinstance(data, Stream):
+      return data.steps_per_epoch
     return data.size // self.batch  # the last partial batch is dropped
 
-  def train_epoch(self, state: TrainState, data: DeviceData, seed: int,
+  def _split(self, x: np.ndarray) -> np.ndarray:
+    """This process's share of a batch -> (local devices, per device, ...)."""
+    return x.reshape((len(self._lanes), -1) + x.shape[1:])
+
+  def train_epoch(self, state: TrainState, data, seed: int,
                   epoch: int, chunk_steps: Optional[int] = None
                   ) -> Iterator[Tuple[TrainState, int, Dict[str, float]]]:
-    """Yields (state, steps done, summed metrics) after every chunk."""
+    """Yields (state, steps done, summed metrics) after every chunk of
+    steps; `data` is a `DeviceData` or a host-fed `Stream`."""
     # Inputs placed as the outputs come back, so call 1 and 2 share a trace.
     if jax.process_count() > 1:
       # A process cannot move its own device arrays onto other processes'
@@ -177,6 +207,10 @@ class Trainer:
       state = jax.device_get(state)
     state = jax.device_put(state, _replicated_sharding(self.device_list))
     key = epoch_key(seed, epoch)
+    if isinstance(data, Stream):
+      yield from self._fed_epoch(state, data, jax.random.fold_in(key, 1),
+                                 epoch, chunk_steps or self.chunk_steps)
+      return
     order = jax.random.permutation(jax.random.fold_in(key, 0), data.size)
     total = self.steps_per_epoch(data)
     chunk_steps = chunk_steps or self.chunk_steps
@@ -189,8 +223,38 @@ class Trainer:
       done += n
       yield state, n, sums
 
-  def evaluate(self, state: TrainState, data: DeviceData) -> Dict[str, float]:
+  def _fed_epoch(self, state, data: Stream, key, epoch: int, chunk_steps: int):
+    """The host-fed epoch: a dispatch per batch, metrics summed on device
+    and handed back every `chunk_steps` steps (so reading them waits for
+    the accelerator only that often)."""
+    sums, n, done = None, 0, 0
+    for batch in data.train(epoch):
+      state, metrics = self._fed_step(
+          self._lanes, state, self._split(batch["images"]),
+          self._split(batch["labels"]), key, jnp.int32(done + n))
+      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+      n += 1
+      if n == chunk_steps:
+        yield state, n, sums
+        done, sums, n = done + n, None, 0
+    if n:
+      yield state, n, sums
+
+  def _fed_evaluate(self, state: TrainState, data: Stream):
+    return [self._fed_eval(state.params, state.batch_stats,
+                           self._split(b["images"]), self._split(b["labels"]),
+                           self._split(b["mask"].astype(np.float32)))
+            for b in data.test()]
+
+  def evaluate(self, state: TrainState, data) -> Dict[str, float]:
     """Test loss and accuracy over the whole set (the last batch padded)."""
+    totals = (self._fed_evaluate(state, data) if isinstance(data, Stream)
+              else self._device_evaluate(state, data))
+    totals = jax.device_get(jax.tree.map(lambda *t: sum(t), *totals))
+    return {"test_loss": float(totals["loss"] / totals["count"]),
+            "test_accuracy": float(totals["correct"] / totals["count"])}
+
+  def _device_evaluate(self, state: TrainState, data: DeviceData):
     steps = -(-data.size // self.eval_batch)
     # Whole set in one dispatch, except on CPU: chunks of equal length, so
     # one compile serves them all.
@@ -199,9 +263,6 @@ class Trainer:
     order = np.arange(calls * per_call * self.eval_batch)
     order[data.size:] = -1
     order = order.reshape(calls, -1)
-    totals = [self._eval(self._lanes, state.params, state.batch_stats, data,
-                         chunk) for chunk in order]
-    totals = jax.device_get(jax.tree.map(lambda *t: sum(t), *totals))
-    return {"test_loss": float(totals["loss"] / totals["count"]),
-            "test_accuracy": float(totals["correct"] / totals["count"])}
+    return [self._eval(self._lanes, state.params, state.batch_stats, data,
+                       chunk) for chunk in order]
 

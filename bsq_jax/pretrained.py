@@ -202,3 +202,16 @@ def load_torchvision_inception_v3(state_dict: Mapping[str, Any],
                       aux_logits=aux_logits, transform_input=transform_input)
   x = jnp.zeros((1, 299, 299, 3), jnp.float32)
   return _load_torch_model(model, state_dict, x, weight_bits)
+
+
+def load_for_model_config(state_dict: Mapping[str, Any],
+                          model_cfg: Mapping[str, Any]):
+  """(model, float variables) of the model that `model_cfg` builds (any
+  family of `bsq_jax.models`), from a PyTorch state_dict in its layout."""
+  from bsq_jax.models import build_model, input_shape  # pylint: disable=import-outside-toplevel
+  if not model_cfg.get("aux_logits", True):  # Inception without its aux head
+    state_dict = {k: v for k, v in state_dict.items()
+                  if not k.startswith("AuxLogits.")}
+  model = build_model(model_cfg)
+  sample = jnp.zeros((1,) + input_shape(model_cfg), jnp.float32)
+  return _load_torch_model(model, state_dict, sample, None)

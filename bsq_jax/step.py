@@ -35,21 +35,26 @@ def _pmean(x, axis_name: Optional[str]):
 
 def make_train_step(model, tx: optax.GradientTransformation, roles: Any,
                     total_params: int, axis_name: Optional[str]) -> Callable:
-  """(state, images, labels) -> (state, metrics), for use under pmap."""
+  """(state, images, labels, key) -> (state, metrics), for use under pmap.
 
-  def loss_fn(params, batch_stats, images, labels):
+  `key` feeds dropout (Inception-V3's head); models without dropout ignore
+  it, and XLA drops it from their step.
+  """
+
+  def loss_fn(params, batch_stats, images, labels, key):
     out, updates = model.apply({"params": params, "batch_stats": batch_stats},
-                               images, train=True, mutable=["batch_stats"])
+                               images, train=True, mutable=["batch_stats"],
+                               rngs={"dropout": key})
     logits, aux = out if isinstance(out, tuple) else (out, None)
     loss = cross_entropy(logits, labels)
     if aux is not None:
       loss = loss + AUX_WEIGHT * cross_entropy(aux, labels)
     return loss, (logits, updates["batch_stats"])
 
-  def step(state: TrainState, images, labels) -> Tuple[TrainState, Dict]:
+  def step(state: TrainState, images, labels, key) -> Tuple[TrainState, Dict]:
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (logits, batch_stats)), grads = grad_fn(
-        state.params, state.batch_stats, images, labels)
+        state.params, state.batch_stats, images, labels, key)
     grads = _pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optim.project(optax.apply_updates(state.params, updates), roles)
@@ -70,6 +75,7 @@ def make_eval_step(model, axis_name: Optional[str]) -> Callable:
   def step(params, batch_stats, images, labels, mask):
     logits = model.apply({"params": params, "batch_stats": batch_stats},
                          images, train=False)
+    labels = jnp.maximum(labels, 0)  # padding (-1) counts 0 through the mask
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     sums = {"loss": jnp.sum(losses * mask),
             "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),

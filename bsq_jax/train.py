@@ -33,6 +33,7 @@ from bsq_jax import scheme as sch
 from bsq_jax.checkpoint import (CheckpointError, ForeignCheckpoint, Result,
                                 StageCheckpoints, abstract_state)
 from bsq_jax.data import load_dataset
+from bsq_jax.data.stream import is_streamed, load_stream
 from bsq_jax.epoch import AXIS, Trainer, check_batch, put_dataset
 from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model, init_variables, input_shape
@@ -65,16 +66,27 @@ class Run:
     check_batch(config.eval_batch_size, len(self.devices))
     self.config, self.workdir, self.command = config, workdir, command
     self.model_cfg = config.model.to_dict()
-    ds = load_dataset(config.data)
-    self._check_data(ds)
+    if is_streamed(config.data):  # too large for the devices: fed by the host
+      stream = load_stream(config.data, input_shape(self.model_cfg),
+                           config.batch_size, config.eval_batch_size,
+                           config.seed)
+      self._check_data(stream.name, stream.num_classes, stream.image_shape,
+                       stream.steps_per_epoch * config.batch_size)
+    else:
+      ds = load_dataset(config.data)
+      self._check_data(ds.name, ds.num_classes, ds.train_images.shape[1:],
+                       len(ds.train_labels))
     held = self._check_workdir_identity()
     self._inputs = self._read_inputs()
     if not held:  # only once the run is known to be able to start
       self._write_identity()
-    self.train = put_dataset(ds.train_images, ds.train_labels, ds.mean, ds.std,
-                             self.devices)
-    self.test = put_dataset(ds.test_images, ds.test_labels, ds.mean, ds.std,
-                            self.devices)
+    if is_streamed(config.data):
+      self.train = self.test = stream
+    else:
+      self.train = put_dataset(ds.train_images, ds.train_labels, ds.mean,
+                               ds.std, self.devices)
+      self.test = put_dataset(ds.test_images, ds.test_labels, ds.mean, ds.std,
+                              self.devices)
     self.metrics = report.MetricsLog(workdir)
     self.sample = jnp.zeros((1,) + input_shape(self.model_cfg), jnp.float32)
     self._trainers: Dict[Any, Trainer] = {}
@@ -127,20 +139,20 @@ class Run:
           inputs[need] = self._finished(need)
     return inputs
 
-  def _check_data(self, ds) -> None:
-    shape = input_shape(self.model_cfg)
-    if ds.num_classes != self.model_cfg["num_classes"]:
+  def _check_data(self, name: str, num_classes: int, shape, size: int) -> None:
+    want = input_shape(self.model_cfg)
+    if num_classes != self.model_cfg["num_classes"]:
       raise config_check.ConfigError(
           f"config.model.num_classes: {self.model_cfg['num_classes']} does not "
-          f"match {ds.name}'s {ds.num_classes} classes")
-    if ds.train_images.shape[1:] != shape:
+          f"match {name}'s {num_classes} classes")
+    if tuple(shape) != want:
       raise config_check.ConfigError(
-          f"config.model.channels/image_size: the model takes {shape} images, "
-          f"{ds.name} has {ds.train_images.shape[1:]}")
-    if len(ds.train_labels) < self.config.batch_size:
+          f"config.model.channels/image_size: the model takes {want} images, "
+          f"{name} has {tuple(shape)}")
+    if size < self.config.batch_size:
       raise config_check.ConfigError(
           f"config.batch_size: {self.config.batch_size} is larger than the "
-          f"{len(ds.train_labels)} training images")
+          f"{size} training images")
 
   # -- models and trainers ----------------------------------------------------
 
@@ -220,16 +232,21 @@ class Run:
       state, train_metrics = self._epoch(stage, trainer, state, epoch)
       extra = {}
       if controller is not None:
-        controller.observe(epoch, self._steering_size(state.params,
-                                                      controller.unit))
+        max_bits = self.config.bsq.max_bits
+        controller.observe(
+            epoch, budget.measure(state.params, controller.unit, max_bits),
+            budget.soft_bits(state.params, max_bits)
+            if controller.unit == "bits" else None)
         extra = dict(controller.metrics(), budget=controller.state_dict())
+        logging.info("%s epoch %d budget: %s", stage, epoch + 1,
+                     controller.progress())
       finished = epoch + 1 == epochs
       if host_pass and finished:  # the final re-quantization (section 6)
         state, scheme = self.host_pass(stage, state, sched, epochs)
         trainer = self.trainer(mode, scheme, state.params, sched)
         if controller is not None:
-          extra["budget_report"] = self._final_budget(controller,
-                                                      state.params)
+          extra["budget_report"] = controller.report(budget.size_of(
+              sch.account(state.params), controller.unit))
           logging.info("%s budget: %s", stage,
                        extra["budget_report"]["message"])
       # The test set costs about as much as a short epoch on CPU, so it can
@@ -249,39 +266,11 @@ class Run:
     ck.close()
     return Result(stage, epochs, self._meta(mode, scheme, alpha, True), state)
 
-  def _steering_size(self, params, unit: str) -> float:
-    """What the budget controller steers: levels 2**soft_bits, or packed kB.
-
-    The group Lasso shrinks a plane's norm at a rate set by alpha, so the
-    largest level M of a layer falls about linearly while its bits,
-    log2(M + 1), fall slowly at first and then all at once. Steering on
-    2**bits (linear in M) keeps the plant close to linear in alpha.
-    """
-    max_bits = self.config.bsq.max_bits
-    if unit == "bits":
-      return 2.0**budget.soft_bits(params, max_bits)
-    return budget.measure(params, unit, max_bits)
-
-  def _final_budget(self, controller, params) -> Dict[str, Any]:
-    """Whether the final scheme met the target, in the user's unit."""
-    size = budget.size_of(sch.account(params), controller.unit)
-    target = (math.log2(controller.target) if controller.unit == "bits"
-              else controller.target)
-    excess = max(0.0, size - target)
-    return {"target": target, "final": size, "met": excess == 0.0,
-            "excess": excess, "unit": controller.unit,
-            "message": (f"target {target:.3f} {controller.unit} met: "
-                        f"{size:.3f}" if excess == 0.0 else
-                        f"target {target:.3f} {controller.unit} missed: "
-                        f"{size:.3f}, {excess:.3f} above")}
-
   def _controller(self, params, target, sched) -> budget.BudgetController:
     value, unit = target
-    if unit == "bits":
-      value = 2.0**value  # steered in levels, see _steering_size
     bsq_cfg = self.config.bsq
     controller = budget.BudgetController(
-        value, unit, self._steering_size(params, unit),
+        value, unit, budget.measure(params, unit, bsq_cfg.max_bits),
         sched.epochs, list(range(0, sched.epochs, bsq_cfg.requant_interval)),
         alpha0=bsq_cfg.default_alpha, alpha_min=bsq_cfg.budget_alpha_min,
         alpha_max=bsq_cfg.budget_alpha_max)
@@ -422,9 +411,8 @@ class Run:
       raise config_check.ConfigError(f"config.convert.init_from: {path} does "
                                      f"not exist")
     try:
-      _, variables = pretrained.load_torch_resnet(
-          pretrained.read_torch_checkpoint(path), self.model_cfg["depth"],
-          self.model_cfg["num_classes"], self.model_cfg["act_bits"])
+      _, variables = pretrained.load_for_model_config(
+          pretrained.read_torch_checkpoint(path), self.model_cfg)
     except (ImportError, ValueError) as e:
       where = "" if path in str(e) else f"{path}: "
       raise config_check.ConfigError(

@@ -16,7 +16,14 @@ NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob("configs/*.py")
 def test_config_is_valid(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   config_check.check(config)
-  assert config.model.depth in (8, 20, 32, 44, 56, 110)
+  if config.model.name == "cifar_resnet":
+    assert config.model.depth in (8, 20, 32, 44, 56, 110)
+  else:  # ImageNet: the paper's alphas, 4-bit activations, batch 256
+    assert config.bsq.default_alpha == {"resnet50": 5e-3,
+                                        "inception_v3": 2e-2}[config.model.name]
+    assert (config.model.act_bits, config.batch_size) == (4, 256)
+    assert config.data.name == "imagenet2012"
+    assert (config.bsq.momentum, config.bsq.weight_decay) == (0.9, 1e-4)
 
 
 def test_paper_schedule():

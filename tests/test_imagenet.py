@@ -229,13 +229,6 @@ def _bsq_cycle(cfg, batch=2):
   return sch.account(params)
 
 
-def test_resnet50_bsq_step_requantize_finetune():
-  # ResNet-50's bottleneck and stem at one block per stage, 4 channels wide.
-  acc = _bsq_cycle({"name": "resnet50", "act_bits": 4, "num_classes": 10,
-                    "image_size": 32, "width": 4, "stage_sizes": [1, 1, 1, 1]})
-  assert acc.average_bits <= 8
-
-
 def test_inception_bsq_step_with_aux_requantize_finetune():
   # The auxiliary head needs 299x299; a thin network keeps it fast.
   acc = _bsq_cycle({"name": "inception_v3", "act_bits": 4, "num_classes": 10,
@@ -416,3 +409,48 @@ def test_prefetch_reraises_and_transforms():
   assert next(it) == 10
   with pytest.raises(RuntimeError, match="boom"):
     next(it)
+
+
+# --------------------------------------------------------------------------
+# The ImageNet configs through the pipeline, host-fed, on 8 CPU devices.
+
+
+def _small(name, **model):
+  """configs/<name>.py on the host-fed synthetic stream, 1 image per device:
+  pretrain 0 epochs (the init), convert, 1 BSQ epoch (2 steps, the host
+  pass before it and the final one after), 1 finetune epoch."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  c = importlib.import_module(f"configs.{name}").get_config()
+  c.model.update(dict(num_classes=10, **model))
+  c.data.update(dict(name="synthetic_stream", num_classes=10,
+                     synthetic_train=16, synthetic_test=12))
+  c.update_from_flattened_dict({
+      "stages": "pretrain,convert,bsq,finetune", "batch_size": 8,
+      "eval_batch_size": 8, "pretrain.epochs": 0, "bsq.epochs": 1,
+      "bsq.requant_interval": 1, "finetune.epochs": 1, "bsq.alpha": 2.0})
+  return c
+
+
+@pytest.mark.parametrize("name, model", [
+    ("imagenet_resnet50", dict(image_size=32, width=4,
+                               stage_sizes=(1, 1, 1, 1))),
+    ("imagenet_inception_v3", dict(image_size=75, aux_logits=False,
+                                   width_mult=1 / 16)),
+])
+def test_imagenet_config_runs_bsq_host_pass_finetune_on_8_devices(
+    name, model, tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  from bsq_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  assert jax.device_count() == 8
+  train_and_evaluate(_small(name, **model), str(tmp_path))
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  by_stage = {r["stage"]: r for r in records}
+  assert set(by_stage) == {"convert", "bsq", "finetune"}  # pretrain: 0 epochs
+  bsq, ft = by_stage["bsq"], by_stage["finetune"]
+  assert bsq["steps"] == ft["steps"] == 2  # 16 images, 8 per step
+  for r in (bsq, ft):
+    assert np.isfinite(r["train_loss"]) and np.isfinite(r["test_loss"])
+    assert 0.0 <= r["test_accuracy"] <= 1.0
+  # The final host pass ran: the scheme it logged is the finetune's.
+  assert by_stage["convert"]["average_bits"] == 8.0
+  assert bsq["average_bits"] == ft["average_bits"] and bsq["penalty"] > 0

@@ -115,7 +115,9 @@ def load_dataset(cfg: Mapping[str, Any]) -> Dataset:
   """Loads the dataset `cfg.name` whole into memory (see the module doc)."""
   name = get(cfg, "name", "")
   if name not in NAMES:
-    raise DataError(f"data.name: expected one of {', '.join(NAMES)}, "
+    from bsq_jax.data.stream import NAMES as STREAMED  # pylint: disable=import-outside-toplevel
+    raise DataError(f"data.name: expected one of "
+                    f"{', '.join(NAMES + STREAMED)}, "
                     f"got {name!r}")
   train_subset = get_int(cfg, "train_subset", 0)
   if name in ("cifar10", "cifar100"):

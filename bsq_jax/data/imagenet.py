@@ -227,23 +227,28 @@ def _builder(cfg: Mapping[str, Any]):
 
 def imagenet_iterators(cfg: Mapping[str, Any], global_batch: int,
                        image_size: int, process_index: int = 0,
-                       process_count: int = 1, seed: int = 0):
+                       process_count: int = 1, seed: int = 0,
+                       eval_batch: Optional[int] = None):
   """(train_iter_fn(epoch), eval_iter_fn()) over this process's batches.
 
-  See the module docstring for the batches. Raises ValueError (one line) if
+  See the module docstring for the batches; evaluation batches hold
+  `eval_batch` (default `global_batch`) examples over all processes. Raises ValueError (one line) if
   imagenet2012 is neither prepared in cfg["data_dir"] nor preparable from
   the tars in cfg["manual_dir"].
   """
-  if global_batch % process_count:
-    raise ValueError(f"global batch {global_batch} does not split over "
-                     f"{process_count} processes")
+  eval_batch = eval_batch or global_batch
+  for batch in (global_batch, eval_batch):
+    if batch % process_count:
+      raise ValueError(f"global batch {batch} does not split over "
+                       f"{process_count} processes")
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   builder = _builder(cfg)
   local = global_batch // process_count
   n_train = builder.info.splits["train"].num_examples
   n_eval = builder.info.splits["validation"].num_examples
   steps = n_train // global_batch
-  eval_steps = math.ceil(math.ceil(n_eval / process_count) / local)
+  local_eval = eval_batch // process_count
+  eval_steps = math.ceil(math.ceil(n_eval / process_count) / local_eval)
   skip = {"image": tfds.decode.SkipDecoding()}
   host_prefetch = cfg.get("host_prefetch", 2)
 
@@ -262,7 +267,7 @@ def imagenet_iterators(cfg: Mapping[str, Any], global_batch: int,
   def eval_iter_fn() -> Iterator[Dict[str, np.ndarray]]:
     ds = builder.as_dataset(split=split("validation"), shuffle_files=False,
                             decoders=skip)
-    ds = eval_dataset(ds, image_size, local, eval_steps)
+    ds = eval_dataset(ds, image_size, local_eval, eval_steps)
     return prefetch(ds.as_numpy_iterator(), host_prefetch)
 
   train_iter_fn.steps_per_epoch = steps
