@@ -232,9 +232,9 @@ def imagenet_iterators(cfg: Mapping[str, Any], global_batch: int,
   """(train_iter_fn(epoch), eval_iter_fn()) over this process's batches.
 
   See the module docstring for the batches; evaluation batches hold
-  `eval_batch` (default `global_batch`) examples over all processes. Raises ValueError (one line) if
-  imagenet2012 is neither prepared in cfg["data_dir"] nor preparable from
-  the tars in cfg["manual_dir"].
+  `eval_batch` (default `global_batch`) examples over all processes.
+  Raises ValueError (one line) if imagenet2012 is neither prepared in
+  cfg["data_dir"] nor preparable from the tars in cfg["manual_dir"].
   """
   eval_batch = eval_batch or global_batch
   for batch in (global_batch, eval_batch):
