@@ -287,10 +287,16 @@ def main(args) -> None:
     states[m], R["epoch_first"][m] = full_epoch(
         setups[m][0], states[m], data, 100, p["epoch_chunk"])
     R["epoch_s"][m] = []
+    R.setdefault("epoch_chunk_s", {})[m] = []
     for rep in range(p["epoch_reps"]):
       states[m], t = full_epoch(setups[m][0], states[m], data, 101 + rep,
                                 p["epoch_chunk"])
       R["epoch_s"][m].append(t)
+      # Side by side: the same chunks timed alone (the step at the epoch's
+      # own chunk size), so epoch / steps counts only what is not the step.
+      states[m], times, _ = run_epoch(setups[m][0], states[m], data,
+                                      101 + rep, p["epoch_chunk"])
+      R["epoch_chunk_s"][m] += times
       if m == "bsq":  # side by side: metrics read one chunk behind
         states[m], t = full_epoch(setups[m][0], states[m], data, 101 + rep,
                                   p["epoch_chunk"], lag=True)
@@ -369,17 +375,25 @@ def write_report(args, R):
   L.append("## Epoch against the sum of its steps\n")
   ep = R.get("epoch_s", {})
   L.append("| mode | epoch (s, median) | steps x step (s) | epoch / steps | "
+           "step at the epoch's chunk (ms) | epoch / those steps | "
            "first epoch (s, with its compile) |")
-  L.append("|---|---|---|---|---|")
-  ratios = {}
+  L.append("|---|---|---|---|---|---|---|")
+  ratios, own = {}, {}
   for m in MODES:
     if m not in ep:
-      L.append(f"| {m} | {NA} | | | |")
+      L.append(f"| {m} | {NA} | | | | | |")
       continue
     med = statistics.median(ep[m])
     ratios[m] = med / (R["epoch_steps"] * step_s[m])
+    own_step = (statistics.median(R["epoch_chunk_s"][m]) / R["epoch_chunk"]
+                if R.get("epoch_chunk_s", {}).get(m) else None)
+    if own_step:
+      own[m] = med / (R["epoch_steps"] * own_step)
     L.append(f"| {m} | {med:.2f} | {R['epoch_steps'] * step_s[m]:.2f} | "
-             f"{ratios[m]:.3f} | {R['epoch_first'][m]:.1f} |")
+             f"{ratios[m]:.3f} | "
+             f"{own_step * 1e3 if own_step else float('nan'):.1f} | "
+             f"{own.get(m, float('nan')):.3f} | "
+             f"{R['epoch_first'][m]:.1f} |")
   if R.get("epoch_lagged_s") and "bsq" in ep:
     lagged = statistics.median(R["epoch_lagged_s"])
     L.append(f"\nTrial: bsq epoch with each chunk's metrics read once the "
@@ -392,8 +406,11 @@ def write_report(args, R):
            f"{R.get('epoch_chunk', '?')} steps per dispatch (`chunk_steps`, or "
            f"`cpu_chunk_steps` on CPU), metrics read per chunk as "
            f"`Run._epoch` does. Its chunk differs from the timing chunks (a "
-           f"separate compile, not counted), so part of the difference is the "
-           f"chunk size itself.\n")
+           f"separate compile, not counted), so `epoch / steps` also holds the "
+           f"chunk size's own effect on the step. `step at the epoch's chunk` "
+           f"times the same chunks alone (`jax.block_until_ready` after each, "
+           f"alternated with the epochs); `epoch / those steps` is then what "
+           f"is not the step: reading metrics, Python between dispatches.\n")
 
   L.append("## Host pass\n")
   hs = R["host_s"]
@@ -432,12 +449,14 @@ def write_report(args, R):
   else:
     L.append(f"| bsq step <= {TARGETS['bsq_over_float']:.2f}x float step | "
              f"{NA} | unknown |")
-  if ratios:
-    w = max(ratios.values())
+  for name, got in (("timing chunk", ratios), ("epoch's own chunk", own)):
+    if not got:
+      continue
+    w = max(got.values())
     L.append(f"| epoch <= {TARGETS['epoch_over_steps']:.2f}x sum of its steps "
-             f"(worst of {', '.join(ratios)}) | {w:.3f}x | "
+             f"at the {name} (worst of {', '.join(got)}) | {w:.3f}x | "
              f"{'yes' if w <= TARGETS['epoch_over_steps'] else 'NO'} |")
-  else:
+  if not ratios:
     L.append(f"| epoch <= {TARGETS['epoch_over_steps']:.2f}x sum of its steps"
              f" | {NA} | unknown |")
   L.append(f"| host pass < {TARGETS['host_pass_s']:.0f} s (ResNet-20) | "
