@@ -5,6 +5,8 @@ The torchvision comparisons run only where torch and torchvision are installed
 """
 
 import functools
+import importlib
+import json
 import os
 
 import numpy as np
@@ -20,6 +22,7 @@ from bsq_jax import scheme as sch
 from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model, input_shape
 from bsq_jax.models.imagenet_resnet import memory_bytes
+from bsq_jax.train import train_and_evaluate
 
 
 def _shapes(cfg, mode="float", bits=8):
@@ -426,7 +429,6 @@ def _small(name, **model):
   """configs/<name>.py on the host-fed synthetic stream, 1 image per device:
   pretrain 0 epochs (the init), convert, 1 BSQ epoch (2 steps, the host
   pass before it and the final one after), 1 finetune epoch."""
-  import importlib  # pylint: disable=import-outside-toplevel
   c = importlib.import_module(f"configs.{name}").get_config()
   c.model.update(dict(num_classes=10, **model))
   c.data.update(dict(name="synthetic_stream", num_classes=10,
@@ -448,8 +450,6 @@ def _small(name, **model):
 ])
 def test_imagenet_config_runs_bsq_host_pass_finetune_on_8_devices(
     name, model, tmp_path):
-  import json  # pylint: disable=import-outside-toplevel
-  from bsq_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
   assert jax.device_count() == 8
   train_and_evaluate(_small(name, **model), str(tmp_path))
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
