@@ -66,27 +66,11 @@ class Run:
     check_batch(config.eval_batch_size, len(self.devices))
     self.config, self.workdir, self.command = config, workdir, command
     self.model_cfg = config.model.to_dict()
-    if is_streamed(config.data):  # too large for the devices: fed by the host
-      stream = load_stream(config.data, input_shape(self.model_cfg),
-                           config.batch_size, config.eval_batch_size,
-                           config.seed)
-      self._check_data(stream.name, stream.num_classes, stream.image_shape,
-                       stream.steps_per_epoch * config.batch_size)
-    else:
-      ds = load_dataset(config.data)
-      self._check_data(ds.name, ds.num_classes, ds.train_images.shape[1:],
-                       len(ds.train_labels))
+    self.train, self.test = self._load_data()
     held = self._check_workdir_identity()
     self._inputs = self._read_inputs()
     if not held:  # only once the run is known to be able to start
       self._write_identity()
-    if is_streamed(config.data):
-      self.train = self.test = stream
-    else:
-      self.train = put_dataset(ds.train_images, ds.train_labels, ds.mean,
-                               ds.std, self.devices)
-      self.test = put_dataset(ds.test_images, ds.test_labels, ds.mean, ds.std,
-                              self.devices)
     self.metrics = report.MetricsLog(workdir)
     self.sample = jnp.zeros((1,) + input_shape(self.model_cfg), jnp.float32)
     self._trainers: Dict[Any, Trainer] = {}
@@ -138,6 +122,24 @@ class Run:
         if need not in stages[:i] and need not in inputs:
           inputs[need] = self._finished(need)
     return inputs
+
+  def _load_data(self):
+    """(train, test): copied onto the devices, or a host-fed `Stream` for
+    data too large for them (both halves the same stream)."""
+    cfg = self.config
+    if is_streamed(cfg.data):
+      stream = load_stream(cfg.data, input_shape(self.model_cfg),
+                           cfg.batch_size, cfg.eval_batch_size, cfg.seed)
+      self._check_data(stream.name, stream.num_classes, stream.image_shape,
+                       stream.steps_per_epoch * cfg.batch_size)
+      return stream, stream
+    ds = load_dataset(cfg.data)
+    self._check_data(ds.name, ds.num_classes, ds.train_images.shape[1:],
+                     len(ds.train_labels))
+    return (put_dataset(ds.train_images, ds.train_labels, ds.mean, ds.std,
+                        self.devices),
+            put_dataset(ds.test_images, ds.test_labels, ds.mean, ds.std,
+                        self.devices))
 
   def _check_data(self, name: str, num_classes: int, shape, size: int) -> None:
     want = input_shape(self.model_cfg)
