@@ -102,7 +102,9 @@ def plan(p: Preset) -> List[Planned]:
   for t in p.targets:
     runs.append(Planned(f"target_{t:g}", "bsq,finetune",
                         {"bsq.alpha": None, "bsq.target_bits": t,
-                         "bsq.default_alpha": mid,
+                         # Start low: an alpha that wrecks the model in
+                         # the first epoch cannot be taken back.
+                         "bsq.default_alpha": sorted(p.alphas)[1],
                          "bsq.budget_alpha_min": min(p.alphas) / 10,
                          "bsq.budget_alpha_max": max(p.alphas) * 10},
                         "base", ("pretrain", "convert")))

@@ -5,59 +5,68 @@ Lasso), does not say what size comes out. In budget mode you ask for a size
 instead, either ``bsq.target_bits`` (average bits per quantized weight, the
 paper's TB / TP) or ``bsq.target_kbytes`` (the packed size of the quantized
 weights, sign bits and float32 scales included; see `kbytes`), and leave
-``bsq.alpha`` unset: the controller starts from the default alpha and adjusts
-it after every epoch. It measures the size that a re-quantization would give
-at that moment (without applying it), compares it with a planned path that
-runs straight from the starting size down to just below the target (2% under
-it) and then stays there for the last 10% of the epochs, and raises alpha
-when the model is larger than planned or lowers it when it is smaller, by at
-most a bounded factor per epoch and always within [alpha_min, alpha_max].
-The size that counts is the one of the final re-quantization after the last
-epoch; the report at the end says whether the target was met and, if not, by
-how much the model is too large. Bits are never truncated to force a target.
-Limits: the controller only steers, and it needs time to do so: tens of
-epochs, not a handful, and re-quantization points along the way so that the
-model actually drops its zero planes. Alpha acts with a delay, so the final
-size can land below the target (pruned bit planes rarely come back) or, with
-too few epochs or too tight alpha bounds, above it.
+``bsq.alpha`` unset: the controller starts from ``bsq.default_alpha`` and
+sets alpha again after every epoch, within [alpha_min, alpha_max]. The size
+that counts is the one of the final re-quantization after the last epoch;
+the report at the end says whether the target was met and, if not, by how
+much the model is too large. Bits are never truncated to force a target.
+Limits: the controller only steers. Pruned bit planes rarely come back, so
+it approaches the target from above and cannot undo an overshoot; a target
+that the schedule cannot reach without wrecking the model is missed (the
+report says by how much), and a start alpha far too large spends its
+damage before the first correction.
 
 The pieces, all host-side Python / numpy:
 
 - `check_budget_fields` validates the config fields (a fixed alpha or one
   target, never both);
-- `kbytes` (formula below) and `measure` (the size a re-quantization of bsq
-  params would give now, input untouched);
+- `kbytes` (formula below), `measure` (the size a re-quantization of bsq
+  params would give now, input untouched) and `soft_size` (its continuous
+  version, for the rate);
 - `BudgetController`: `alpha_for_epoch`, `observe`, `report`, `metrics`,
   `progress`, `state_dict` / `from_state_dict` (JSON-serializable, for resume).
 
 Control rule (BudgetController). Epochs are 0 .. E-1; boundary t is the
-moment before epoch t (boundary E is the end, where the final re-quantization
-happens). The reference path is linear in epochs:
+moment before epoch t. Epoch t trains with learning rate lr_t (the `effort`
+of the epoch; all 1 if not given): the group Lasso moves the planes in
+proportion to lr * alpha, so an epoch at a tenth of the learning rate needs
+ten times the alpha for the same effect. After epoch e the controller gets
 
-    ref(t) = start + (aim - start) * min(1, t / reach_epoch)
-    aim    = target - tol,   tol = tolerance * target   (2% by default)
+    size_e  what a re-quantization would give now (whole planes, staircase)
+    soft_e  its continuous version (log2(M + 1) bits per tensor, see
+            `soft_size`), which falls smoothly while the planes shrink
+    loss_e  optionally the epoch's training loss (cross-entropy)
 
-with reach_epoch = E - round(settle_fraction * E) (at least 1; by default 90%
-of the way), so the last stretch of training is spent holding the target. The
-plan ends one tolerance below the target, so that a size held within the dead
-band below meets the budget.
-After epoch e, with the measurement m_e, the rule looks `lookahead` (h = 3)
-epochs ahead, since alpha acts with a delay:
+and sets alpha for epoch e+1 from the rate the plan needs and the rate the
+last epoch gave (a one-parameter model of the plant, re-fitted every epoch):
 
-    slope = (m_e - m_{e-w}) / w          (w = min(3, epochs seen); m_{-1} = start)
-    err   = m_e + h * slope - ref(e + 1 + h)
+    aim    = target - tol                  (tol = tolerance * target, 2%)
+    need   = size_e - aim                  (what is still to go)
+    want   = need * lr_{e+1} / sum(lr_t, t = e+1 .. R-1)
+             (the rest of the plan, spread in proportion to the learning
+              rate over the epochs up to R = reach_epoch: the last change of
+              the learning rate, or 90% of the way if it is constant)
+    gain   = (soft_{e-1} - soft_e) / (alpha_e * lr_e)   (soft_{-1} = start)
+    alpha' = want / (gain * lr_{e+1})
 
-    |err| <= tol:  alpha unchanged                              ("hold")
-    err   >  tol:  alpha *= up_factor ** min(1, err / (3 tol))     ("up")
-    err   < -tol:  alpha /= down_factor ** min(1, -err / (3 tol))  ("down")
+    need <= 0:            alpha / down_factor          ("down": stop pushing)
+    gain <= 0:            alpha * up_factor            ("up": nothing moved)
+    otherwise:            alpha' bounded to [alpha / down_factor,
+                          alpha * up_factor]         ("up" / "down" / "hold")
+    then, if e+1 >= R:    never above alpha            ("hold": the tail's low
+                          learning rate barely moves the planes, and a raised
+                          alpha there wrecked the model on Fashion-MNIST)
+    then, if loss_e > damage_factor * lowest loss so far (1.5):
+                          at most alpha / down_factor  ("damage")
 
-then alpha is clipped to [alpha_min, alpha_max]. So alpha changes by at most
-one factor (each in (1, MAX_STEP_FACTOR], 2 by default) per epoch, by a
-fraction of it for small errors. The measurement does not jump at a
-re-quantization (re-quantizing re-quantized params changes nothing), so the
-rule is the same at every epoch; the re-quantization epochs only feed the
-warnings and the record. Each epoch's record (alpha used, measured, plan,
-prediction, step) is kept in `history` and is part of the state.
+then alpha is clipped to [alpha_min, alpha_max]. The size error is measured
+on whole planes (what the result will be), the rate on the soft size (which
+moves every epoch, while whole planes go in steps). The damage guard exists
+because a too-strong penalty does not give a smaller model: it wrecks the
+accuracy, the cross-entropy gradient then pushes planes past 1 and the next
+re-quantization raises precisions (seen on Fashion-MNIST: a fixed alpha of 8
+ended at more bits than 4). Each epoch's record (alpha used, sizes, plan,
+gain, action) is kept in `history` and is part of the state.
 """
 
 from __future__ import annotations
@@ -71,7 +80,7 @@ import numpy as np
 UNITS = ("bits", "kbytes")
 SCALE_BYTES = 4          # one float32 scale per quantized tensor
 MAX_STEP_FACTOR = 4.0    # bound on up_factor / down_factor
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 # --------------------------------------------------------------------------
@@ -170,25 +179,32 @@ def measure(params, unit: str = "bits", max_bits: int = 8) -> float:
   return size_of(measure_accounting(params, max_bits), unit)
 
 
-def soft_bits(params, max_bits: int = 8) -> float:
-  """A continuous version of `measure(params, "bits")`, for steering.
+def soft_size(params, unit: str = "bits", max_bits: int = 8) -> float:
+  """A continuous version of `measure(params, unit)`, for the rate.
 
-  Re-quantized bits move in whole-plane steps: nothing changes while the
-  group Lasso shrinks the planes, then a layer loses several planes at once.
-  Here each layer counts log2(M + 1) bits instead of its precision n, where M
-  is its largest integer level after re-quantization; n = ceil(log2(M + 1))
-  once the MSB planes are dropped, so the two agree whenever M = 2**n - 1,
-  and log2(M + 1) falls smoothly as the weights shrink, an epoch or more
-  before the planes go.
+  Whole planes go in steps: nothing changes while the group Lasso shrinks
+  them, then a tensor loses several planes at once. Here each tensor counts
+  log2(M + 1) bits instead of its precision n, where M is its largest integer
+  level after re-quantization; n = ceil(log2(M + 1)) once the MSB planes are
+  dropped, so the two agree whenever M = 2**n - 1, and log2(M + 1) falls
+  smoothly as the weights shrink, an epoch or more before the planes go.
+  In kbytes the same soft bits go into the `kbytes` formula (without the
+  rounding to whole bytes).
   """
+  if unit not in UNITS:
+    raise ValueError(f"unit: expected one of {UNITS}, got {unit!r}")
   from bsq_jax import bitplanes, scheme  # JAX only needed here
   new_params, _ = scheme.requantize_params(params, max_bits)
-  total, weighted = 0, 0.0
+  total, weighted, nbytes = 0, 0.0, 0.0
   for _, planes in scheme.quantized(new_params):
     m = int(np.prod(planes.pos.shape[:-1]))
     top = int(np.abs(bitplanes.integers(planes)).max(initial=0))
+    bits = float(np.log2(top + 1))
     total += m
-    weighted += m * float(np.log2(top + 1))
+    weighted += m * bits
+    nbytes += SCALE_BYTES + (0.0 if top == 0 else m * (bits + 1) / 8)
+  if unit == "kbytes":
+    return nbytes / 1000.0
   return weighted / max(total, 1)
 
 
@@ -201,23 +217,29 @@ def _fmt(value: float, unit: str) -> str:
 
 
 class BudgetController:
-  """Adjusts alpha once per epoch so that the size reaches `target`.
+  """Sets alpha once per epoch so that the size reaches `target`.
 
   target, unit: the size asked for, in "bits" (average) or "kbytes".
-  start_value: the size at boundary 0 (measured after the epoch-0
-    re-quantization, before training), in the same unit.
+  start_value: the size at boundary 0 (after the epoch-0 re-quantization,
+    before training), in the same unit; start_soft: its `soft_size` (default
+    start_value).
   epochs: E, the number of BSQ epochs (0 .. E-1).
   requant_epochs: the epochs before which a re-quantization runs (0, R, 2R,
     ...); the final one after epoch E-1 is implied.
   alpha0: alpha for epoch 0.
   alpha_min, alpha_max: bounds on alpha (alpha0 must lie within).
-  up_factor, down_factor: multiplicative steps, each in (1, MAX_STEP_FACTOR].
-  tolerance: dead band, as a fraction of the target, in (0, 1); an error of
-    3 tolerances or more takes a whole step factor.
-  settle_fraction: share of the epochs spent holding the target at the end
-    (sets reach_epoch); or give reach_epoch (1..E) directly.
-  lookahead, slope_window: epochs the rule predicts ahead, and over how many
-    past epochs it takes the slope for that (both >= 0 / >= 1).
+  up_factor, down_factor: bounds on one epoch's change, each in
+    (1, MAX_STEP_FACTOR].
+  tolerance: the plan ends this fraction of the target below it, in (0, 1).
+  settle_fraction: share of the epochs left at the end, after the plan has
+    reached the target (sets reach_epoch when the learning rate is constant;
+    otherwise the plan ends at the last learning-rate change); or give
+    reach_epoch (1..E).
+  effort: each epoch's learning rate (E positive numbers; default all 1).
+  damage_factor: an epoch whose training loss is above this multiple of the
+    lowest one so far never raises alpha, > 1 (inf = off). The loss, not the
+    accuracy: at chance level the accuracy swings by a third between epochs,
+    the loss by a few percent.
 
   See the module docstring for the rule.
   """
@@ -227,13 +249,17 @@ class BudgetController:
                alpha_min: float = 1e-4, alpha_max: float = 0.1,
                up_factor: float = 2.0, down_factor: float = 2.0,
                tolerance: float = 0.02, settle_fraction: float = 0.1,
-               reach_epoch: Optional[int] = None, lookahead: int = 3,
-               slope_window: int = 3):
+               reach_epoch: Optional[int] = None,
+               effort: Optional[Sequence[float]] = None,
+               damage_factor: float = 1.5,
+               start_soft: Optional[float] = None):
     if unit not in UNITS:
       raise ValueError(f"unit: expected one of {UNITS}, got {unit!r}")
     self.target = _positive_number("target", target)
     self.unit = unit
     self.start_value = _positive_number("start_value", start_value)
+    self.start_soft = (self.start_value if start_soft is None else
+                       _positive_number("start_soft", start_soft))
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) \
         or epochs < 1:
       raise ValueError(f"epochs: expected an integer >= 1, got {epochs!r}")
@@ -260,10 +286,21 @@ class BudgetController:
     self.tolerance = float(tolerance)
     if not 0 < self.tolerance < 1:
       raise ValueError(f"tolerance: expected a value in (0, 1), got {tolerance}")
-    self.lookahead, self.slope_window = int(lookahead), int(slope_window)
-    if self.lookahead < 0 or self.slope_window < 1:
-      raise ValueError(f"lookahead >= 0 and slope_window >= 1 expected, got "
-                       f"{lookahead}, {slope_window}")
+    self.effort = ([1.0] * self.epochs if effort is None else
+                   [_positive_number("effort", w) for w in effort])
+    if len(self.effort) != self.epochs:
+      raise ValueError(f"effort: expected {self.epochs} learning rates, got "
+                       f"{len(self.effort)}")
+    self.damage_factor = float(damage_factor)
+    if not self.damage_factor > 1:
+      raise ValueError(f"damage_factor: expected a value > 1, got "
+                       f"{damage_factor}")
+    if reach_epoch is None and len(set(self.effort)) > 1:
+      # The plan ends where the learning rate last changes: after that the
+      # same alpha moves the planes far less (seen: 2-5x less per alpha * lr
+      # on Fashion-MNIST), so the tail only holds or trims.
+      reach_epoch = max(e for e in range(1, self.epochs)
+                        if self.effort[e] != self.effort[e - 1])
     if reach_epoch is None:
       if not 0 <= settle_fraction < 1:
         raise ValueError(f"settle_fraction: expected a value in [0, 1), got "
@@ -282,28 +319,33 @@ class BudgetController:
 
   # -- the plan -------------------------------------------------------------
 
-  def reference(self, boundary: float) -> float:
-    """The planned size at boundary t (before epoch t; t = E is the end)."""
-    frac = min(1.0, max(0.0, boundary / self.reach_epoch))
-    return self.start_value + (self.aim - self.start_value) * frac
-
   @property
   def aim(self) -> float:
-    """Where the plan ends: one tolerance below the target, so that the dead
-    band around it, [target - 2 tol, target], lies within the budget."""
+    """Where the plan ends: one tolerance below the target, so that a model
+    that stops a little short of the aim still meets the budget."""
     return self.target - self.tolerance_abs
 
   @property
   def tolerance_abs(self) -> float:
     return self.tolerance * self.target
 
+  def wanted(self, epoch: int, size: float) -> float:
+    """The drop planned for `epoch` from `size`: the rest of the way to the
+    aim, in proportion to the epoch's share of the learning rate left before
+    reach_epoch (all of it at or after reach_epoch)."""
+    need = size - self.aim
+    left = sum(self.effort[epoch:self.reach_epoch])
+    if epoch >= self.reach_epoch or left <= 0:
+      return need
+    return need * self.effort[epoch] / left
+
   @property
   def warnings(self) -> List[str]:
     """Why this run may miss its target (shown once by the loop)."""
     out = []
-    if self.epochs < 10:
+    if self.epochs < 6:
       out.append(f"budget: only {self.epochs} epochs; the controller needs "
-                 f"tens of epochs to steer")
+                 f"several epochs to steer")
     if not any(e > 0 for e in self.requant_epochs):
       out.append("budget: no re-quantization during training (only at "
                  "epoch 0 and the final one); the model keeps its zero planes "
@@ -331,39 +373,48 @@ class BudgetController:
           return rec["alpha"]
     return self.alpha
 
-  def observe(self, epoch: int, measured: float) -> float:
-    """Records the size `measured` (what a re-quantization would give now)
-    after epoch `epoch`, and returns the alpha for the next epoch."""
+  def observe(self, epoch: int, measured: float,
+              soft: Optional[float] = None,
+              loss: Optional[float] = None) -> float:
+    """Records, after epoch `epoch`, the size `measured` (what a
+    re-quantization would give now), its `soft` version (default: measured)
+    and the epoch's training `loss` (optional), and returns the alpha
+    for the next epoch."""
     epoch = int(epoch)
     if epoch <= self.last_epoch:
       raise ValueError(f"budget: epoch {epoch} already observed (last "
                        f"{self.last_epoch}); observe each epoch once")
     if not 0 <= epoch < self.epochs:
       raise ValueError(f"budget: epoch {epoch} outside 0..{self.epochs - 1}")
-    measured = float(measured)
-    if not math.isfinite(measured) or measured < 0:
-      raise ValueError(f"budget: measured size {measured!r} is not a finite "
-                       f"number >= 0")
-    past = [self.start_value] + [r["measured"] for r in self.history]
-    w = min(self.slope_window, len(past))
-    slope = (measured - past[-w]) / w
-    predicted = measured + self.lookahead * slope
-    error = predicted - self.reference(epoch + 1 + self.lookahead)
-    tol = self.tolerance_abs
+    measured = _size("measured", measured)
+    soft = measured if soft is None else _size("soft", soft)
     used = self.alpha
-    if error > tol:
-      action, step = "up", self.up_factor ** min(1.0, error / (3 * tol))
-    elif error < -tol:
-      action, step = "down", 1.0 / self.down_factor ** min(1.0, -error / (3 * tol))
+    before = self.history[-1]["soft"] if self.history else self.start_soft
+    gain = (before - soft) / (used * self.effort[epoch])
+    # Only the last epoch's gain: the plant stiffens as the bits go down (the
+    # top plane of a narrow range holds many weights), so older gains mislead.
+    nxt = min(epoch + 1, self.epochs - 1)
+    want = self.wanted(nxt, measured)
+    if want <= 0:
+      action, step = "down", 1.0 / self.down_factor
+    elif gain <= 0:
+      action, step = "up", self.up_factor
     else:
-      action, step = "hold", 1.0
-    nxt = float(min(self.alpha_max, max(self.alpha_min, used * step)))
-    self.alpha = nxt
+      step = want / (gain * self.effort[nxt]) / used
+      step = min(self.up_factor, max(1.0 / self.down_factor, step))
+      action = "up" if step > 1.01 else "down" if step < 0.99 else "hold"
+    if nxt >= self.reach_epoch:  # the tail holds: low lr, raises only damage
+      step = min(step, 1.0)
+      action = "hold" if action == "up" else action
+    losses = [r["loss"] for r in self.history if r["loss"] is not None]
+    if loss is not None and losses and loss > self.damage_factor * min(losses):
+      action, step = "damage", min(step, 1.0 / self.down_factor)
+    self.alpha = float(min(self.alpha_max, max(self.alpha_min, used * step)))
     self.history.append({"epoch": epoch, "alpha": used, "measured": measured,
-                         "reference": self.reference(epoch + 1),
-                         "predicted": predicted, "error": error,
-                         "action": action, "next_alpha": nxt})
-    return nxt
+                         "soft": soft, "loss": loss, "gain": gain,
+                         "want": want, "action": action,
+                         "next_alpha": self.alpha})
+    return self.alpha
 
   def metrics(self) -> Dict[str, float]:
     """Numbers for the metrics file, from the last `observe`."""
@@ -371,10 +422,11 @@ class BudgetController:
       return {"budget_alpha": self.alpha, "budget_target": self.target}
     r = self.history[-1]
     return {"budget_alpha": r["alpha"], "budget_next_alpha": r["next_alpha"],
-            "budget_measured": r["measured"],
-            "budget_reference": r["reference"],
-            "budget_target": self.target, "budget_error": r["error"],
-            "budget_step": {"up": 1.0, "hold": 0.0, "down": -1.0}[r["action"]]}
+            "budget_measured": r["measured"], "budget_soft": r["soft"],
+            "budget_target": self.target, "budget_want": r["want"],
+            "budget_gain": r["gain"],
+            "budget_step": {"up": 1.0, "hold": 0.0, "down": -1.0,
+                            "damage": -2.0}[r["action"]]}
 
   def progress(self) -> str:
     """A short piece for the progress line, from the last `observe`."""
@@ -382,9 +434,9 @@ class BudgetController:
       return f"budget alpha {self.alpha:.3g} target {_fmt(self.target, self.unit)}"
     r = self.history[-1]
     unit = "b" if self.unit == "bits" else "kB"
-    return (f"size {r['measured']:.3f}{unit} (plan {r['reference']:.3f}, "
-            f"target {self.target:.3f}) alpha {r['alpha']:.3g}->"
-            f"{r['next_alpha']:.3g} {r['action']}")
+    return (f"size {r['measured']:.3f}{unit} (soft {r['soft']:.3f}, target "
+            f"{self.target:.3f}, next drop {r['want']:.3f}) alpha "
+            f"{r['alpha']:.3g}->{r['next_alpha']:.3g} {r['action']}")
 
   # -- the end --------------------------------------------------------------
 
@@ -398,7 +450,7 @@ class BudgetController:
     below = self.target - final if met else 0.0
     pct = 100.0 * (final - self.target) / self.target
     t, f = _fmt(self.target, self.unit), _fmt(final, self.unit)
-    if met and below <= 2 * self.tolerance_abs:  # within the dead band
+    if met and below <= 2 * self.tolerance_abs:
       msg = f"budget met: {f} for a target of {t}"
     elif met:
       msg = (f"budget met: {f} for a target of {t}, {_fmt(below, self.unit)} "
@@ -417,8 +469,8 @@ class BudgetController:
 
   _CONFIG = ("target", "unit", "start_value", "epochs", "requant_epochs",
              "alpha0", "alpha_min", "alpha_max", "up_factor", "down_factor",
-             "tolerance", "settle_fraction", "reach_epoch", "lookahead",
-             "slope_window")
+             "tolerance", "settle_fraction", "reach_epoch", "effort",
+             "damage_factor", "start_soft")
 
   def state_dict(self) -> Dict[str, Any]:
     """Everything needed to continue exactly (plain JSON types)."""
@@ -439,3 +491,11 @@ class BudgetController:
     ctl.alpha = float(state["alpha"])
     ctl.history = [dict(r) for r in state["history"]]
     return ctl
+
+
+def _size(name: str, value: float) -> float:
+  value = float(value)
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f"budget: {name} size {value!r} is not a finite number "
+                     f">= 0")
+  return value

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -234,8 +234,8 @@ class Run:
       state, train_metrics = self._epoch(stage, trainer, state, epoch)
       extra = {}
       if controller is not None:
-        controller.observe(epoch, self._steering_size(state.params,
-                                                      controller.unit))
+        controller.observe(epoch, *self._sizes(state.params, controller.unit),
+                           loss=train_metrics["train_loss"])
         extra = dict(controller.metrics(), budget=controller.state_dict())
       finished = epoch + 1 == epochs
       if host_pass and finished:  # the final re-quantization (section 6)
@@ -255,6 +255,9 @@ class Run:
                     **self.accounting(mode, state.params, scheme),
                     **{k: v for k, v in extra.items() if k != "budget"})
       self._log_epoch(record)
+      if controller is not None:  # alpha per epoch on the progress line too
+        logging.info("%s epoch %d budget: %s", stage, epoch + 1,
+                     controller.progress())
       meta = self._meta(mode, scheme, alpha, finished)
       meta.update({k: v for k, v in extra.items() if k.startswith("budget")})
       ck.save(epoch + 1, state, meta)
@@ -263,42 +266,29 @@ class Run:
     ck.close()
     return Result(stage, epochs, self._meta(mode, scheme, alpha, True), state)
 
-  def _steering_size(self, params, unit: str) -> float:
-    """What the budget controller steers: levels 2**soft_bits, or packed kB.
-
-    The group Lasso shrinks a plane's norm at a rate set by alpha, so the
-    largest level M of a layer falls about linearly while its bits,
-    log2(M + 1), fall slowly at first and then all at once. Steering on
-    2**bits (linear in M) keeps the plant close to linear in alpha.
-    """
+  def _sizes(self, params, unit: str) -> Tuple[float, float]:
+    """What the budget controller steers on: the size a re-quantization
+    would give now, and its continuous version (`budget.soft_size`)."""
     max_bits = self.config.bsq.max_bits
-    if unit == "bits":
-      return 2.0**budget.soft_bits(params, max_bits)
-    return budget.measure(params, unit, max_bits)
+    return (budget.measure(params, unit, max_bits),
+            budget.soft_size(params, unit, max_bits))
 
   def _final_budget(self, controller, params) -> Dict[str, Any]:
     """Whether the final scheme met the target, in the user's unit."""
-    size = budget.size_of(sch.account(params), controller.unit)
-    target = (math.log2(controller.target) if controller.unit == "bits"
-              else controller.target)
-    excess = max(0.0, size - target)
-    return {"target": target, "final": size, "met": excess == 0.0,
-            "excess": excess, "unit": controller.unit,
-            "message": (f"target {target:.3f} {controller.unit} met: "
-                        f"{size:.3f}" if excess == 0.0 else
-                        f"target {target:.3f} {controller.unit} missed: "
-                        f"{size:.3f}, {excess:.3f} above")}
+    rep = controller.report(budget.size_of(sch.account(params),
+                                           controller.unit))
+    return {k: v for k, v in rep.items() if k != "last_alpha"}
 
   def _controller(self, params, target, sched) -> budget.BudgetController:
     value, unit = target
-    if unit == "bits":
-      value = 2.0**value  # steered in levels, see _steering_size
     bsq_cfg = self.config.bsq
+    size, soft = self._sizes(params, unit)
     controller = budget.BudgetController(
-        value, unit, self._steering_size(params, unit),
-        sched.epochs, list(range(0, sched.epochs, bsq_cfg.requant_interval)),
+        value, unit, size, sched.epochs,
+        list(range(0, sched.epochs, bsq_cfg.requant_interval)),
         alpha0=bsq_cfg.default_alpha, alpha_min=bsq_cfg.budget_alpha_min,
-        alpha_max=bsq_cfg.budget_alpha_max)
+        alpha_max=bsq_cfg.budget_alpha_max, start_soft=soft,
+        effort=[lr_at(sched, e) for e in range(sched.epochs)])
     for warning in controller.warnings:
       logging.warning("%s", warning)
     return controller

@@ -126,6 +126,18 @@ def test_measure_on_real_params_matches_requantize_and_leaves_input():
   assert got_kb == bud.kbytes(acc)
   assert got_bits < 8.0 and new_scheme[first] <= 6
   assert bud.measure_accounting(params) == acc
+  # The soft size counts log2(M + 1) bits per tensor: never more than the
+  # whole planes, and below them where the largest level M < 2**n - 1.
+  soft = bud.soft_size(params)
+  levels = {p: int(np.abs(bp.integers(v)).max())
+            for p, v in sch.quantized(new_params)}
+  sizes = acc.sizes
+  expect = sum(sizes[p] * np.log2(m + 1) for p, m in levels.items()) / sum(
+      sizes.values())
+  assert soft == pytest.approx(expect) and soft < got_bits
+  assert bud.soft_size(params, "kbytes") < got_kb
+  with pytest.raises(ValueError, match="unit"):
+    bud.soft_size(params, "bytes")
   # The input is untouched: same values, same precisions.
   assert sch.account(params).average_bits == 8.0
   jax.tree_util.tree_map(np.testing.assert_array_equal, before, params)
@@ -230,6 +242,7 @@ def test_bounds_and_step_factors_are_respected():
     {"up_factor": 1.0}, {"down_factor": 0.5}, {"up_factor": 5.0},
     {"alpha0": 1.0}, {"alpha_min": 1e-2, "alpha_max": 1e-3},
     {"tolerance": 0.0}, {"reach_epoch": 0}, {"reach_epoch": 61},
+    {"damage_factor": 1.0}, {"effort": [0.1] * 59}, {"effort": [0.0] * 60},
     {"epochs": 0}, {"unit": "bytes"}, {"requant_epochs": [60]},
 ])
 def test_bad_controller_settings(kw):
@@ -252,7 +265,7 @@ def test_observe_each_epoch_once_and_in_range():
     ctl.observe(1, float("nan"))
   m = ctl.metrics()
   assert set(m) >= {"budget_alpha", "budget_next_alpha", "budget_measured",
-                    "budget_reference", "budget_target", "budget_step"}
+                    "budget_soft", "budget_want", "budget_target", "budget_step"}
   assert all(isinstance(v, float) for v in m.values())
   assert make(epochs=60).warnings == []
   assert make(epochs=5).warnings  # too few epochs
@@ -260,12 +273,68 @@ def test_observe_each_epoch_once_and_in_range():
   assert BudgetController(9.0, "bits", 8.0, 60, [0, 20], 5e-3).warnings
 
 
-def test_reference_path():
-  ctl = make(epochs=100)  # reach_epoch 90, aim 4 - 0.08
-  assert ctl.reach_epoch == 90 and ctl.aim == pytest.approx(3.92)
-  assert ctl.reference(0) == 8.0
-  assert ctl.reference(45) == pytest.approx((8.0 + 3.92) / 2)
-  assert ctl.reference(90) == ctl.reference(100) == pytest.approx(3.92)
+def test_plan_spreads_the_rest_in_proportion_to_the_learning_rate():
+  lrs = [0.1] * 6 + [0.01] * 2
+  ctl = make(epochs=8, effort=lrs)  # the plan ends at the lr drop
+  assert ctl.reach_epoch == 6 and ctl.aim == pytest.approx(3.92)
+  # From 8 bits before epoch 1: epoch 1's share of lr over epochs 1..5.
+  assert ctl.wanted(1, 8.0) == pytest.approx(4.08 * 0.1 / 0.5)
+  assert ctl.wanted(5, 5.0) == pytest.approx(1.08)   # the last planned epoch
+  assert ctl.wanted(6, 5.0) == pytest.approx(1.08)   # past the plan: all
+  assert ctl.wanted(3, 3.0) < 0                      # already below the aim
+  # A constant learning rate: the plan ends 90% of the way, evenly spread.
+  flat = make(epochs=100)
+  assert flat.reach_epoch == 90
+  assert flat.wanted(0, 8.0) == pytest.approx(4.08 / 90)
+  with pytest.raises(ValueError, match="effort"):
+    make(epochs=8, effort=lrs[:7])
+
+
+def test_rate_rule_asks_for_the_planned_drop():
+  """On a plant whose soft size falls by 2 * alpha * lr per epoch the rule
+  picks the alpha that gives the planned drop (within the step bounds)."""
+  ctl = make(epochs=8, alpha0=1.0, alpha_min=0.01, alpha_max=100.0,
+             up_factor=4.0, down_factor=4.0, effort=[0.1] * 6 + [0.01] * 2)
+  soft = 8.0
+  for e in range(7):
+    alpha = ctl.alpha_for_epoch(e)
+    soft -= 2.0 * alpha * ctl.effort[e]
+    nxt = ctl.observe(e, soft + 0.3, soft=soft)
+    rec = ctl.history[-1]
+    assert rec["gain"] == pytest.approx(2.0)
+    want = ctl.wanted(e + 1, soft + 0.3)
+    assert rec["want"] == pytest.approx(want)
+    if want > 0 and 0.25 < want / (2.0 * ctl.effort[e + 1]) / alpha < 4.0:
+      assert nxt == pytest.approx(want / (2.0 * ctl.effort[e + 1]))
+  # The plan lands on the aim when the plant does what the model says.
+  assert soft + 0.3 == pytest.approx(ctl.aim, abs=0.05)
+
+
+def test_the_tail_after_the_plan_never_raises_alpha():
+  ctl = make(epochs=8, alpha0=1.0, alpha_min=0.01, alpha_max=100.0,
+             effort=[0.1] * 6 + [0.01] * 2)           # reach_epoch 6
+  for e in range(8):                                  # a plant that is slow
+    ctl.observe(e, 8.0 - 0.1 * e, soft=7.9 - 0.1 * e)
+  actions = [r["action"] for r in ctl.history]
+  assert actions[:5] == ["up"] * 5 and actions[5:] == ["hold"] * 3
+  alphas = [r["alpha"] for r in ctl.history] + [ctl.alpha]
+  assert alphas[6:] == [alphas[5]] * 3
+
+
+def test_damaged_training_never_raises_alpha():
+  ctl = make(epochs=20, alpha0=1e-3)
+  ctl.observe(0, 8.0, soft=7.9, loss=0.45)   # far behind: up
+  assert ctl.history[-1]["action"] == "up"
+  up = ctl.alpha
+  ctl.observe(1, 8.0, soft=7.9, loss=0.80)   # still behind, but wrecked
+  assert ctl.history[-1]["action"] == "damage"
+  assert ctl.alpha == pytest.approx(up / ctl.down_factor)
+  ctl.observe(2, 8.0, soft=7.9, loss=0.60)   # recovered: up again
+  assert ctl.history[-1]["action"] == "up"
+  off = make(epochs=20, alpha0=1e-3, damage_factor=float("inf"))
+  off.observe(0, 8.0, soft=7.9, loss=0.45)
+  off.observe(1, 8.0, soft=7.9, loss=2.3)
+  assert off.history[-1]["action"] == "up"
 
 
 def test_state_dict_round_trip_reproduces_alphas():
