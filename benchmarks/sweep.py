@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
@@ -235,8 +237,30 @@ def claims(r: dict) -> List[str]:
   for t in r["targets"]:
     lines.append(f"- Budget target {t['target']:g} bits: "
                  f"{t['bits']:.2f} bits, {abs(t['bits'] - t['target']):.2f} "
-                 f"from the target (asked: within 0.25).")
+                 f"from the target (asked: within 0.25); "
+                 f"{against_sweep(rows, t)}.")
   return lines
+
+
+def against_sweep(rows: List[dict], t: dict) -> str:
+  """The budget run's finetuned accuracy against the alpha sweep's curve
+  (finetuned accuracy, linear in bits between neighbouring points) at the
+  same bits; outside the curve, against its nearest end."""
+  pts = sorted((x["bits"], x["ft_acc"]) for x in rows)
+  bits, acc = t["bits"], t["ft_acc"]
+  if not pts:
+    return "no alpha sweep to compare with"
+  if bits < pts[0][0] or bits > pts[-1][0]:
+    end = pts[0] if bits < pts[0][0] else pts[-1]
+    ref = end[1]
+    where = (f"the sweep's nearest point, {end[0]:.2f} bits ({pct(ref)}; "
+             f"the sweep spans {pts[0][0]:.2f}-{pts[-1][0]:.2f} bits)")
+  else:
+    ref = float(np.interp(bits, [b for b, _ in pts], [a for _, a in pts]))
+    where = f"the sweep's curve at {bits:.2f} bits ({pct(ref)})"
+  # Compared as printed (to 0.01 points), so that equal figures read equal.
+  verdict = "no worse" if round(100 * acc, 2) >= round(100 * ref, 2) else "worse"
+  return f"finetuned {pct(acc)}, {verdict} than {where}"
 
 
 def markdown(p: Preset, r: dict, command: str, times: Dict[str, float],

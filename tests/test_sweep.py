@@ -107,6 +107,23 @@ def test_report_reads_every_run(fake_sweep, tmp_path):
   assert "Larger alpha gives fewer bits: no" in text
   assert "does not beat from-scratch" in text
   assert "Budget target 3 bits: 3.10 bits, 0.10 from the target" in text
+  # 84% against the sweep's 85% at 3.10 bits (between 3.0 and 4.5 bits).
+  assert ("finetuned 84.00%, worse than the sweep's curve at 3.10 bits "
+          "(85.00%)") in text
+
+
+def test_budget_runs_against_the_sweeps_curve():
+  rows = [{"bits": 3.0, "ft_acc": 0.80}, {"bits": 5.0, "ft_acc": 0.84},
+          {"bits": 7.0, "ft_acc": 0.86}]
+  got = sweep.against_sweep(rows, {"bits": 4.0, "ft_acc": 0.82})
+  assert got == ("finetuned 82.00%, no worse than the sweep's curve at 4.00 "
+                 "bits (82.00%)")
+  got = sweep.against_sweep(rows, {"bits": 2.0, "ft_acc": 0.79})
+  assert got == ("finetuned 79.00%, worse than the sweep's nearest point, "
+                 "3.00 bits (80.00%; the sweep spans 3.00-7.00 bits)")
+  assert "no worse" in sweep.against_sweep(rows, {"bits": 7.5, "ft_acc": 0.9})
+  assert sweep.against_sweep([], {"bits": 4.0, "ft_acc": 0.8}) == (
+      "no alpha sweep to compare with")
 
 
 def test_plots_are_written(fake_sweep, tmp_path):
