@@ -390,9 +390,9 @@ class BudgetController:
     soft = measured if soft is None else _size("soft", soft)
     used = self.alpha
     before = self.history[-1]["soft"] if self.history else self.start_soft
-    gain = (before - soft) / (used * self.effort[epoch])
     # Only the last epoch's gain: the plant stiffens as the bits go down (the
     # top plane of a narrow range holds many weights), so older gains mislead.
+    gain = (before - soft) / (used * self.effort[epoch])
     nxt = min(epoch + 1, self.epochs - 1)
     want = self.wanted(nxt, measured)
     if want <= 0:
