@@ -56,7 +56,8 @@ last epoch gave (a one-parameter model of the plant, re-fitted every epoch):
     then, if e+1 >= R:    never above alpha            ("hold": the tail's low
                           learning rate barely moves the planes, and a raised
                           alpha there wrecked the model on Fashion-MNIST)
-    then, if loss_e > damage_factor * lowest loss so far (1.5):
+    then, if loss_e > damage_factor * lowest loss so far (1.5), unless a
+    host pass ran just before epoch e:
                           at most alpha / down_factor  ("damage")
 
 then alpha is clipped to [alpha_min, alpha_max]. The size error is measured
@@ -406,8 +407,12 @@ class BudgetController:
     if nxt >= self.reach_epoch:  # the tail holds: low lr, raises only damage
       step = min(step, 1.0)
       action = "hold" if action == "up" else action
+    # The first epoch after a host pass is exempt: re-rounding the weights
+    # and restarting momentum lift its loss whatever alpha is (seen: 0.44 ->
+    # 0.84 -> 0.53 -> 0.46 as a pass took 3.6 bits at once).
     losses = [r["loss"] for r in self.history if r["loss"] is not None]
-    if loss is not None and losses and loss > self.damage_factor * min(losses):
+    if loss is not None and losses and epoch not in self.requant_epochs \
+        and loss > self.damage_factor * min(losses):
       action, step = "damage", min(step, 1.0 / self.down_factor)
     self.alpha = float(min(self.alpha_max, max(self.alpha_min, used * step)))
     self.history.append({"epoch": epoch, "alpha": used, "measured": measured,

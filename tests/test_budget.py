@@ -331,6 +331,16 @@ def test_damaged_training_never_raises_alpha():
   assert ctl.alpha == pytest.approx(up / ctl.down_factor)
   ctl.observe(2, 8.0, soft=7.9, loss=0.60)   # recovered: up again
   assert ctl.history[-1]["action"] == "up"
+  ctl.observe(3, 8.0, soft=7.9, loss=0.45)
+  up = ctl.alpha
+  ctl.observe(4, 8.0, soft=7.9, loss=0.45)
+  assert ctl.history[-1]["action"] == "up" and ctl.alpha > up
+  # Epoch 10 follows a host pass (make: every 10 epochs): its loss is exempt.
+  for e in range(5, 11):
+    ctl.observe(e, 8.0, soft=7.9, loss=0.45 if e < 10 else 0.9)
+  assert ctl.history[-1]["action"] == "up"
+  ctl.observe(11, 8.0, soft=7.9, loss=0.9)   # not the first after the pass
+  assert ctl.history[-1]["action"] == "damage"
   off = make(epochs=20, alpha0=1e-3, damage_factor=float("inf"))
   off.observe(0, 8.0, soft=7.9, loss=0.45)
   off.observe(1, 8.0, soft=7.9, loss=2.3)
