@@ -21,8 +21,8 @@ The pieces, all host-side Python / numpy:
 - `check_budget_fields` validates the config fields (a fixed alpha or one
   target, never both);
 - `kbytes` (formula below), `measure` (the size a re-quantization of bsq
-  params would give now, input untouched) and `soft_size` (its continuous
-  version, for the rate);
+  params would give now, input untouched), `soft_size` (its continuous
+  version, for the rate) and `sizes` (both from one re-quantization);
 - `BudgetController`: `alpha_for_epoch`, `observe`, `report`, `metrics`,
   `progress`, `state_dict` / `from_state_dict` (JSON-serializable, for resume).
 
@@ -180,6 +180,15 @@ def measure(params, unit: str = "bits", max_bits: int = 8) -> float:
   return size_of(measure_accounting(params, max_bits), unit)
 
 
+def sizes(params, unit: str = "bits", max_bits: int = 8) -> Tuple[float, float]:
+  """(`measure`, `soft_size`) of bsq `params` from one re-quantization."""
+  if unit not in UNITS:
+    raise ValueError(f"unit: expected one of {UNITS}, got {unit!r}")
+  from bsq_jax import scheme  # JAX only needed here
+  new_params, _ = scheme.requantize_params(params, max_bits)
+  return size_of(scheme.account(new_params), unit), _soft(new_params, unit)
+
+
 def soft_size(params, unit: str = "bits", max_bits: int = 8) -> float:
   """A continuous version of `measure(params, unit)`, for the rate.
 
@@ -192,12 +201,13 @@ def soft_size(params, unit: str = "bits", max_bits: int = 8) -> float:
   In kbytes the same soft bits go into the `kbytes` formula (without the
   rounding to whole bytes).
   """
-  if unit not in UNITS:
-    raise ValueError(f"unit: expected one of {UNITS}, got {unit!r}")
+  return sizes(params, unit, max_bits)[1]
+
+
+def _soft(requantized, unit: str) -> float:
   from bsq_jax import bitplanes, scheme  # JAX only needed here
-  new_params, _ = scheme.requantize_params(params, max_bits)
   total, weighted, nbytes = 0, 0.0, 0.0
-  for _, planes in scheme.quantized(new_params):
+  for _, planes in scheme.quantized(requantized):
     m = int(np.prod(planes.pos.shape[:-1]))
     top = int(np.abs(bitplanes.integers(planes)).max(initial=0))
     bits = float(np.log2(top + 1))

@@ -269,15 +269,12 @@ class Run:
   def _sizes(self, params, unit: str) -> Tuple[float, float]:
     """What the budget controller steers on: the size a re-quantization
     would give now, and its continuous version (`budget.soft_size`)."""
-    max_bits = self.config.bsq.max_bits
-    return (budget.measure(params, unit, max_bits),
-            budget.soft_size(params, unit, max_bits))
+    return budget.sizes(params, unit, self.config.bsq.max_bits)
 
   def _final_budget(self, controller, params) -> Dict[str, Any]:
     """Whether the final scheme met the target, in the user's unit."""
-    rep = controller.report(budget.size_of(sch.account(params),
-                                           controller.unit))
-    return {k: v for k, v in rep.items() if k != "last_alpha"}
+    return controller.report(budget.size_of(sch.account(params),
+                                            controller.unit))
 
   def _controller(self, params, target, sched) -> budget.BudgetController:
     value, unit = target

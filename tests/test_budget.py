@@ -136,6 +136,7 @@ def test_measure_on_real_params_matches_requantize_and_leaves_input():
       sizes.values())
   assert soft == pytest.approx(expect) and soft < got_bits
   assert bud.soft_size(params, "kbytes") < got_kb
+  assert bud.sizes(params) == (got_bits, soft)
   with pytest.raises(ValueError, match="unit"):
     bud.soft_size(params, "bytes")
   # The input is untouched: same values, same precisions.
