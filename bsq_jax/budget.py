@@ -63,10 +63,8 @@ last epoch gave (a one-parameter model of the plant, re-fitted every epoch):
 then alpha is clipped to [alpha_min, alpha_max]. The size error is measured
 on whole planes (what the result will be), the rate on the soft size (which
 moves every epoch, while whole planes go in steps). The damage guard exists
-because a too-strong penalty does not give a smaller model: it wrecks the
-accuracy, the cross-entropy gradient then pushes planes past 1 and the next
-re-quantization raises precisions (seen on Fashion-MNIST: a fixed alpha of 8
-ended at more bits than 4). Each epoch's record (alpha used, sizes, plan,
+because a too-strong penalty wrecks the accuracy without giving a smaller
+model (on Fashion-MNIST a fixed alpha of 8 ended at more bits than alpha 4). Each epoch's record (alpha used, sizes, plan,
 gain, action) is kept in `history` and is part of the state.
 """
 
