@@ -64,8 +64,9 @@ then alpha is clipped to [alpha_min, alpha_max]. The size error is measured
 on whole planes (what the result will be), the rate on the soft size (which
 moves every epoch, while whole planes go in steps). The damage guard exists
 because a too-strong penalty wrecks the accuracy without giving a smaller
-model (on Fashion-MNIST a fixed alpha of 8 ended at more bits than alpha 4). Each epoch's record (alpha used, sizes, plan,
-gain, action) is kept in `history` and is part of the state.
+model (on Fashion-MNIST a fixed alpha of 8 ended at more bits than alpha 4).
+Each epoch's record (alpha used, sizes, plan, gain, action) is kept in
+`history` and is part of the state.
 """
 
 from __future__ import annotations
@@ -304,6 +305,9 @@ class BudgetController:
     if not self.damage_factor > 1:
       raise ValueError(f"damage_factor: expected a value > 1, got "
                        f"{damage_factor}")
+    if not 0 <= settle_fraction < 1:
+      raise ValueError(f"settle_fraction: expected a value in [0, 1), got "
+                       f"{settle_fraction}")
     if reach_epoch is None and len(set(self.effort)) > 1:
       # The plan ends where the learning rate last changes: after that the
       # same alpha moves the planes far less (seen: 2-5x less per alpha * lr
@@ -311,9 +315,6 @@ class BudgetController:
       reach_epoch = max(e for e in range(1, self.epochs)
                         if self.effort[e] != self.effort[e - 1])
     if reach_epoch is None:
-      if not 0 <= settle_fraction < 1:
-        raise ValueError(f"settle_fraction: expected a value in [0, 1), got "
-                         f"{settle_fraction}")
       reach_epoch = max(1, self.epochs -
                         int(round(settle_fraction * self.epochs)))
     reach_epoch = int(reach_epoch)
@@ -343,10 +344,9 @@ class BudgetController:
     aim, in proportion to the epoch's share of the learning rate left before
     reach_epoch (all of it at or after reach_epoch)."""
     need = size - self.aim
-    left = sum(self.effort[epoch:self.reach_epoch])
-    if epoch >= self.reach_epoch or left <= 0:
+    if epoch >= self.reach_epoch:
       return need
-    return need * self.effort[epoch] / left
+    return need * self.effort[epoch] / sum(self.effort[epoch:self.reach_epoch])
 
   @property
   def warnings(self) -> List[str]:
