@@ -100,11 +100,14 @@ def main(argv):
                     "--xla_llvm_disable_expensive_passes=true")
         if f.split("=")[0] not in flags_now]).strip()
   import jax  # pylint: disable=import-outside-toplevel
-  from bsq_jax import errors, report, train  # pylint: disable=import-outside-toplevel
+  from bsq_jax import allocator, errors, report, train  # pylint: disable=import-outside-toplevel
   report.quiet_libraries()
   if FLAGS.coordinator_address:
     start_processes(jax)
 
+  hint = allocator.hint() if jax.default_backend() == "cpu" else None
+  if hint:
+    logging.warning("%s", hint)
   workdir = FLAGS.workdir or default_workdir(
       config_flags.get_config_filename(FLAGS["config"]))
   logging.info("process %d of %d; local devices: %s; %d devices in all",

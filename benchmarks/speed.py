@@ -13,6 +13,7 @@ baseline child only.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -20,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 
 def _parse():
@@ -49,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bsq_jax import optim
+from bsq_jax import allocator, optim
 from bsq_jax import scheme as sch
 from bsq_jax.epoch import AXIS, Trainer, put_dataset
 from bsq_jax.layers import Quant, freeze_scheme
@@ -67,18 +69,26 @@ PRESETS = {
     # steps: train steps in the timing dataset (= steps per epoch);
     # chunk: steps per dispatch when timing the step; reps: interleaved reps.
     # epoch_chunk None: the Trainer's own (chunk_steps, or cpu_chunk_steps
-    # on CPU). A trial is XLA flags ("--xla_...") or an env var ("NAME=v").
+    # on CPU). A trial is XLA flags ("--xla_...") or an env var ("NAME=v");
+    # "LD_PRELOAD=@tcmalloc" preloads that allocator where it is installed.
     "quick": dict(steps=4, chunk=2, reps=3, epoch_reps=2, host_reps=5,
-                  budget_s=900,
+                  budget_s=1500, torch_steps=10,
                   epoch_chunk=None, trial_reps=3, trials=(
-                      "BSQ_JAX_CONV=xla",)),
+                      "BSQ_JAX_CONV=xla", "LD_PRELOAD=@tcmalloc",
+                      "LD_PRELOAD=@jemalloc")),
     "full": dict(steps=40, chunk=10, reps=10, epoch_reps=4, host_reps=7,
-                 budget_s=7200,
+                 budget_s=7200, torch_steps=40,
                  epoch_chunk=None, trial_reps=6, trials=(
-                     "BSQ_JAX_CONV=xla",
+                     "BSQ_JAX_CONV=xla", "LD_PRELOAD=@tcmalloc",
+                     "LD_PRELOAD=@jemalloc",
+                     "--xla_cpu_use_onednn=true",
+                     "--xla_cpu_use_xnnpack=true",
+                     "--xla_cpu_enable_fast_math=true",
                      "--xla_cpu_multi_thread_eigen=false",
                      "--xla_backend_optimization_level=0")),
 }
+TORCH_REF = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                         "torch_reference.py")
 TARGETS = {"bsq_over_float": 1.10, "epoch_over_steps": 1.05, "host_pass_s": 1.0}
 
 
@@ -212,23 +222,98 @@ def child(flags_json: str) -> None:
   print("RESULT " + json.dumps({"step_s": step_s, "compile_s": compile_s}))
 
 
-def run_trial(flags: str, preset: str):
+def missing_library(flags: str) -> Optional[str]:
+  """Why a trial cannot run here (its allocator is not installed), or None."""
+  if "=@" not in flags:
+    return None
+  name = flags.split("=@", 1)[1]
+  if allocator.find(name):
+    return None
+  return (f"{name} is not installed (apt-get install "
+          f"{allocator.LIBRARIES[name][0]})")
+
+
+def trial_env(flags: str) -> dict:
+  """This process's environment with a trial's XLA flag or variable set."""
   env = dict(os.environ)
   if flags.startswith("--"):
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
   elif flags:
     name, value = flags.split("=", 1)
-    env[name] = value
-  cmd = [sys.executable, os.path.abspath(__file__), "--child",
-         json.dumps({"preset": preset})]
-  t0 = time.perf_counter()
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                        check=False)
+    env[name] = (allocator.find(value[1:]) if value.startswith("@")
+                 else value)
+  return env
+
+
+def run_child(cmd, flags: str):
+  """Runs a child that prints `RESULT {json}`; its result, or an error."""
+  proc = subprocess.run(cmd, env=trial_env(flags), capture_output=True,
+                        text=True, check=False)
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
-      return json.loads(line[7:]), time.perf_counter() - t0
+      return json.loads(line[7:])
   tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-  return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}, None
+  return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+def run_trial(flags: str, preset: str):
+  return run_child([sys.executable, os.path.abspath(__file__), "--child",
+                    json.dumps({"preset": preset})], flags)
+
+
+def run_torch(mode: str, flags: str, steps: int):
+  return run_child([sys.executable, TORCH_REF, "--mode", mode, "--steps",
+                    str(steps)], flags)
+
+
+def reference(args, R, p, deadline, longest) -> None:
+  """The PyTorch ResNet-20 step (if torch imports) beside a bsq_jax child,
+  under the default allocator and, where installed, tcmalloc."""
+  R["reference"] = []
+  if importlib.util.find_spec("torch") is None:
+    R["skipped"].append("PyTorch reference: torch is not installed "
+                        "(optional: pip install torch)")
+    return
+  for flags in ("", "LD_PRELOAD=@tcmalloc"):
+    why = missing_library(flags) or (
+        "time budget" if time.perf_counter() + 2 * (longest + 20) > deadline
+        else None)
+    if why:
+      R["skipped"].append(f"PyTorch reference {flags}: {why}")
+      continue
+    ours = run_trial(flags, args.preset)
+    theirs = {m: run_torch(m, flags, p["torch_steps"]) for m in ("float", "bsq")}
+    R["reference"].append((flags, ours, theirs))
+    print(f"reference {flags or 'default'}: bsq_jax {ours} / torch {theirs}",
+          flush=True)
+    write_report(args, R)
+
+
+def reference_lines(rows) -> list:
+  """The PyTorch reference table (benchmarks/torch_reference.py)."""
+  L = ["## PyTorch reference on this machine\n",
+       "`benchmarks/torch_reference.py`: the same ResNet-20 in PyTorch (bsq "
+       "rebuilds each weight from 8+8 bit planes every step, as the authors' "
+       "release does), batch 128, each step timed alone, median; run in a "
+       "child right after a bsq_jax child under the same allocator.\n",
+       "| allocator | mode | bsq_jax step (ms) | PyTorch step (ms) | "
+       "PyTorch images/s | bsq_jax / PyTorch step |", "|---|---|---|---|---|---|"]
+  for flags, ours, theirs in rows:
+    name = flags.split("@")[1] if flags else "default (glibc)"
+    for m, t in theirs.items():
+      err = ours.get("error") or t.get("error")
+      if err:
+        L.append(f"| {name} | {m} | failed: {err} | | | |")
+        continue
+      a, b = ours["step_s"][m], t["step_s"]
+      L.append(f"| {name} | {m} | {a * 1e3:.1f} | {b * 1e3:.1f} | "
+               f"{BATCH / b:.1f} | {a / b:.3f}x |")
+  if rows:
+    L.append(f"\ntorch {rows[0][2]['float'].get('torch', '?')}, "
+             f"{rows[0][2]['float'].get('threads', '?')} threads.")
+  else:
+    L.append(f"| (not run) | | {'not measured'} | | | |")
+  return L + [""]
 
 
 def fmt_bytes(n: float) -> str:
@@ -307,13 +392,18 @@ def main(args) -> None:
   # Trials: XLA flags in child processes, each after a baseline child.
   R["trials"] = []
   for flags in p["trials"]:
-    if time.perf_counter() + 4 * (longest + 20) > deadline:
-      R["skipped"].append(f"trial {flags}: time budget")
+    why = missing_library(flags) or (
+        "time budget" if time.perf_counter() + 4 * (longest + 20) > deadline
+        else None)
+    if why:
+      R["skipped"].append(f"trial {flags}: {why}")
       continue
-    base, _ = run_trial("", args.preset)
-    var, _ = run_trial(flags, args.preset)
+    base = run_trial("", args.preset)
+    var = run_trial(flags, args.preset)
     R["trials"].append((flags, base, var))
     print(f"trial {flags}: base {base} / variant {var}", flush=True)
+    out()
+  reference(args, R, p, deadline, longest)
   R["busy"] += busy_processes()
   R["done"] = True
   out()
@@ -465,16 +555,19 @@ def write_report(args, R):
 
   L.append("## Trials: closing the gap to the PyTorch release\n")
   here = ", ".join(f"{m} {BATCH / s:.1f}" for m, s in step_s.items())
-  L.append("Reference (not measured here): the authors' PyTorch release "
-           "trains BSQ ResNet-20 at about 290-310 images/s on a 2-core CPU; "
-           "a plain Flax float step reached about 175 images/s there. "
-           f"Here (images/s): {here or NA}.\n")
+  L.append("The issue's figures (not measured here): the authors' PyTorch "
+           "release trains BSQ ResNet-20 at about 290-310 images/s on a "
+           "2-core CPU; a plain Flax float step reached about 175 images/s "
+           f"there. Here (images/s): {here or NA}. The PyTorch reference "
+           "below measures the gap on this machine.\n")
   L.append("Each trial is a fresh child process (float and bsq) run right "
            "after a baseline child with the defaults; compare within a row. "
            "A trial is XLA_FLAGS, or an environment variable: "
            "`BSQ_JAX_CONV=xla` puts back XLA's own convolution kernel "
            "gradient in place of the per-tap matrix products of "
-           "`bsq_jax/conv.py` (a speed-up below 1 is what conv.py saves).\n")
+           "`bsq_jax/conv.py` (a speed-up below 1 is what conv.py saves); "
+           "`LD_PRELOAD=@tcmalloc` runs the child on that malloc "
+           "(`bsq_jax/allocator.py` finds the library).\n")
   L.append("| trial | mode | baseline step (ms) | with trial (ms) | "
            "speed-up |")
   L.append("|---|---|---|---|---|")
@@ -491,6 +584,7 @@ def write_report(args, R):
   if not R.get("trials"):
     L.append(f"| (none run) | | {NA} | {NA} | |")
   L.append("")
+  L += reference_lines(R.get("reference", []))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     f.write("\n".join(L))

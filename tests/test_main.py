@@ -7,11 +7,13 @@ import sys
 
 import pytest
 
+from bsq_jax import allocator
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*args, workdir):
-  env = dict(os.environ, PYTHONPATH=ROOT)
+def run_main(*args, workdir, env=None):
+  env = dict(env or os.environ, PYTHONPATH=ROOT)
   return subprocess.run(
       [sys.executable, "main.py", "--config=configs/smoke.py",
        f"--workdir={workdir}", *args], cwd=ROOT, env=env,
@@ -55,16 +57,33 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, args, expect):
   assert not os.path.exists(workdir)
 
 
-def test_workdir_of_another_model_is_kept(tmp_path):
+def other_model_workdir(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "run.json").write_text(json.dumps(
       {"model": {"name": "cifar_resnet", "depth": 56}, "data": "cifar10",
        "seed": 0}))
   (workdir / "metrics.jsonl").write_text('{"stage": "bsq", "epoch": 3}\n')
+  return workdir
+
+
+def test_workdir_of_another_model_is_kept(tmp_path):
+  workdir = other_model_workdir(tmp_path)
   before = snapshot(str(workdir))
-  result = run_main(workdir=str(workdir))
+  env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+  result = run_main(workdir=str(workdir), env=env)
   assert result.returncode == 1
   assert "holds a run of another model" in last_line(result)
   assert "Traceback" not in result.stderr
   assert snapshot(str(workdir)) == before
+  # On CPU without tcmalloc, main.py says how to run faster (one line).
+  assert "faster under tcmalloc" in result.stderr
+
+
+@pytest.mark.skipif(allocator.find("tcmalloc") is None,
+                    reason="tcmalloc not installed (.ci/run installs it)")
+def test_no_allocator_hint_under_tcmalloc(tmp_path):
+  env = dict(os.environ, LD_PRELOAD=allocator.find("tcmalloc"))
+  result = run_main(workdir=str(other_model_workdir(tmp_path)), env=env)
+  assert "holds a run of another model" in last_line(result)
+  assert "faster under tcmalloc" not in result.stderr
