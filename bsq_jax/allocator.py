@@ -1,16 +1,16 @@
 """Which malloc the process runs on, and where tcmalloc / jemalloc live.
 
-On 2-core CPU machines XLA's train step spends much of its time in the
-kernel, getting and returning large buffers through glibc's malloc; run under
-tcmalloc (`LD_PRELOAD`), the ResNet-20 step took 1.3-1.5x less time
-(results/speed.md has the trial). An allocator can only be preloaded before
-the process starts, so bsq_jax does not switch it itself: `hint()` is the
-line main.py logs on CPU when tcmalloc is not loaded.
+On 2-core CPU machines the ResNet-20 train step took 1.3-1.5x less time
+under tcmalloc (`LD_PRELOAD`), and short whole runs 1.36x
+(results/speed.md, results/allocator_run.md). An allocator can only be
+preloaded before the process starts, so bsq_jax does not switch it itself:
+`hint()` is the line main.py logs on CPU when tcmalloc is not loaded.
 """
 
 from __future__ import annotations
 
 import glob
+import sys
 from typing import Optional
 
 # Debian/Ubuntu package names and the files they install, by allocator.
@@ -42,8 +42,9 @@ def loaded(name: str, maps: str = "/proc/self/maps") -> bool:
 
 
 def hint() -> Optional[str]:
-  """A one-line suggestion to run under tcmalloc, or None if it is loaded."""
-  if loaded("tcmalloc"):
+  """A one-line suggestion to run under tcmalloc, or None if it is loaded
+  (or this is not Linux, where LD_PRELOAD and the packages differ)."""
+  if not sys.platform.startswith("linux") or loaded("tcmalloc"):
     return None
   path = find("tcmalloc")
   how = (f"LD_PRELOAD={path} python main.py ..." if path else

@@ -38,6 +38,9 @@ def test_hint_says_how_or_nothing(monkeypatch):
   assert "apt-get install libtcmalloc-minimal4" in allocator.hint()
   monkeypatch.setattr(allocator, "find", lambda name: "/x/libtcmalloc.so.4")
   assert "LD_PRELOAD=/x/libtcmalloc.so.4 python main.py" in allocator.hint()
+  monkeypatch.setattr(allocator.sys, "platform", "darwin")
+  assert allocator.hint() is None  # LD_PRELOAD and apt are Linux's
+  monkeypatch.setattr(allocator.sys, "platform", "linux")
   monkeypatch.setattr(allocator, "loaded", lambda name: True)
   assert allocator.hint() is None
 
