@@ -233,6 +233,12 @@ def missing_library(flags: str) -> Optional[str]:
           f"{allocator.LIBRARIES[name][0]})")
 
 
+def skip_reason(flags: str, need_s: float, deadline: float) -> Optional[str]:
+  """Why a child run under `flags` is skipped: no library, or no time."""
+  return missing_library(flags) or (
+      "time budget" if time.perf_counter() + need_s > deadline else None)
+
+
 def trial_env(flags: str) -> dict:
   """This process's environment with a trial's XLA flag or variable set."""
   env = dict(os.environ)
@@ -275,9 +281,7 @@ def reference(args, R, p, deadline, longest) -> None:
                         "(optional: pip install torch)")
     return
   for flags in ("", "LD_PRELOAD=@tcmalloc"):
-    why = missing_library(flags) or (
-        "time budget" if time.perf_counter() + 2 * (longest + 20) > deadline
-        else None)
+    why = skip_reason(flags, 2 * (longest + 20), deadline)
     if why:
       R["skipped"].append(f"PyTorch reference {flags}: {why}")
       continue
@@ -392,9 +396,7 @@ def main(args) -> None:
   # Trials: XLA flags in child processes, each after a baseline child.
   R["trials"] = []
   for flags in p["trials"]:
-    why = missing_library(flags) or (
-        "time budget" if time.perf_counter() + 4 * (longest + 20) > deadline
-        else None)
+    why = skip_reason(flags, 4 * (longest + 20), deadline)
     if why:
       R["skipped"].append(f"trial {flags}: {why}")
       continue
