@@ -55,7 +55,7 @@ from bsq_jax import allocator, optim
 from bsq_jax import scheme as sch
 from bsq_jax.epoch import AXIS, Trainer, put_dataset
 from bsq_jax.layers import Quant, freeze_scheme
-from bsq_jax.models import build_model, init_variables
+from bsq_jax.models import build_model, init_variables, input_shape
 from bsq_jax.models.imagenet_resnet import memory_bytes
 from bsq_jax.step import TrainState
 from machine import busy_processes, machine
@@ -96,12 +96,14 @@ def _nbytes(tree) -> int:
   return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
 
 
-def setup(devices):
-  """Trainers and fresh states for the three modes, ResNet-20 at 8 bits."""
-  fmodel = build_model(CFG, Quant("float"), None)
-  sample = jnp.zeros((1, 32, 32, 3), jnp.float32)
+def setup(devices, cfg=CFG, batch=BATCH, bits=8, alpha=5e-3, **trainer_kw):
+  """Trainers and fresh states for the three modes (default: ResNet-20 at 8
+  bits, batch 128); `trainer_kw` go to every Trainer (loop=, chunk_steps=).
+  Returns ({mode: (trainer, state)}, the bsq params)."""
+  fmodel = build_model(cfg, Quant("float"), None)
+  sample = jnp.zeros((1,) + input_shape(cfg), jnp.float32)
   variables = jax.device_get(init_variables(fmodel, jax.random.key(0), sample))
-  scheme = sch.uniform_scheme(fmodel, sample, 8)
+  scheme = sch.uniform_scheme(fmodel, sample, bits)
   fparams = variables["params"]
   bparams = sch.float_to_bsq(fparams, scheme)
   tparams, tscheme = sch.bsq_to_finetune(bparams)
@@ -111,12 +113,12 @@ def setup(devices):
     tp = 1 if mode == "float" else sch.account(
         params, sc if mode == "finetune" else None).total_params
     tx = optim.make_optimizer(0.1, 0.0, 1e-4, 0.9, tp)
-    model = build_model(CFG, Quant(mode, freeze_scheme(sc)), AXIS)
-    trainer = Trainer(model, tx, sch.roles(params), tp, BATCH, BATCH, True,
-                      devices)
+    model = build_model(cfg, Quant(mode, freeze_scheme(sc)), AXIS)
+    trainer = Trainer(model, tx, sch.roles(params), tp, batch, batch, True,
+                      devices, **trainer_kw)
     opt_state = tx.init(params)
     if mode == "bsq":  # a realistic alpha; it does not change the work done
-      opt_state = optim.set_hyperparams(opt_state, alpha=5e-3)
+      opt_state = optim.set_hyperparams(opt_state, alpha=alpha)
     out[mode] = (trainer, TrainState(params, variables["batch_stats"],
                                      opt_state))
   return out, bparams

@@ -16,7 +16,10 @@ step in a scan of length 1, even with unroll=True, which still emits a while
 loop; 0.10 s as straight-line code). So on CPU a chunk is a Python loop traced
 into straight-line code, and chunks are short (`cpu_chunk_steps`), since
 compile time grows with their length; on GPU/TPU it is a rolled `lax.scan`,
-which compiles one step whatever the chunk length.
+which compiles one step whatever the chunk length. `Trainer(loop=...)` is the
+one switch between the two: "auto" (the platform's choice above), "scan" or
+"straight"; both give the same numbers (tests/test_epoch_loops.py runs the
+rolled scan on CPU against the straight-line chunks).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from bsq_jax.data.stream import Stream
 from bsq_jax.step import TrainState, make_eval_step, make_train_step
 
 AXIS = "batch"
+# Trainer(loop=...): "auto" picks "straight" on CPU, "scan" elsewhere.
+LOOPS = ("auto", "scan", "straight")
 
 
 class DeviceData(NamedTuple):
@@ -91,13 +96,17 @@ class Trainer:
   def __init__(self, model, tx, roles, total_params: int, batch_size: int,
                eval_batch_size: int, augment_data: bool = True,
                devices: Optional[Sequence] = None, chunk_steps: int = 100,
-               cpu_chunk_steps: int = 1):
+               cpu_chunk_steps: int = 1, loop: str = "auto"):
     # All devices of all processes: with several processes (jax.distributed)
     # each feeds its local devices and pmap spans them all.
     self.device_list = list(jax.devices() if devices is None else devices)
     self.devices = len(self.device_list)
-    # Loops are slow on XLA CPU (module docstring): straight-line chunks.
-    self.straight_line = self.device_list[0].platform == "cpu"
+    if loop not in LOOPS:
+      raise ValueError(f"loop: expected one of {', '.join(LOOPS)}, got {loop!r}")
+    if loop == "auto":  # loops are slow on XLA CPU (module docstring)
+      loop = "straight" if self.device_list[0].platform == "cpu" else "scan"
+    self.loop = loop
+    self.straight_line = loop == "straight"
     self.chunk_steps = cpu_chunk_steps if self.straight_line else chunk_steps
     self.batch = batch_size
     self.per_device = check_batch(batch_size, self.devices)
@@ -174,7 +183,8 @@ class Trainer:
                            _dropout_key(jax.random.fold_in(key, step), lane))
 
   def _loop(self, body, carry, steps: int):
-    """`lax.scan(body, carry, arange(steps))`, straight-line on CPU."""
+    """`lax.scan(body, carry, arange(steps))`, or the same as straight-line
+    code (`loop="straight"`)."""
     if not self.straight_line:
       return jax.lax.scan(body, carry, jnp.arange(steps))
     outs = []
@@ -246,19 +256,24 @@ class Trainer:
                            self._split(b["mask"].astype(np.float32)))
             for b in data.test()]
 
-  def evaluate(self, state: TrainState, data) -> Dict[str, float]:
-    """Test loss and accuracy over the whole set (the last batch padded)."""
+  def evaluate(self, state: TrainState, data,
+               chunk_steps: Optional[int] = None) -> Dict[str, float]:
+    """Test loss and accuracy over the whole set (the last batch padded);
+    `chunk_steps` batches per dispatch, default below."""
     totals = (self._fed_evaluate(state, data) if isinstance(data, Stream)
-              else self._device_evaluate(state, data))
+              else self._device_evaluate(state, data, chunk_steps))
     totals = jax.device_get(jax.tree.map(lambda *t: sum(t), *totals))
     return {"test_loss": float(totals["loss"] / totals["count"]),
             "test_accuracy": float(totals["correct"] / totals["count"])}
 
-  def _device_evaluate(self, state: TrainState, data: DeviceData):
+  def _device_evaluate(self, state: TrainState, data: DeviceData,
+                       chunk_steps: Optional[int] = None):
     steps = -(-data.size // self.eval_batch)
-    # Whole set in one dispatch, except on CPU: chunks of equal length, so
-    # one compile serves them all.
-    per_call = min(steps, self.chunk_steps) if self.straight_line else steps
+    # Default: the whole set in one dispatch, except straight-line: chunks of
+    # equal length, so one compile serves them all.
+    if chunk_steps is None:
+      chunk_steps = self.chunk_steps if self.straight_line else steps
+    per_call = min(steps, chunk_steps)
     calls = -(-steps // per_call)
     order = np.arange(calls * per_call * self.eval_batch)
     order[data.size:] = -1
