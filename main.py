@@ -23,6 +23,9 @@ flags.DEFINE_string("coordinator_address", None, "Several hosts: process "
                     "0's host:port, the same on every process.")
 flags.DEFINE_integer("num_processes", None, "Several hosts: how many processes.")
 flags.DEFINE_integer("process_id", None, "Several hosts: this process's index.")
+flags.DEFINE_bool("tcmalloc", True, "On CPU (Linux): start again under "
+                  "tcmalloc when it is installed and not loaded (faster "
+                  "steps); --notcmalloc or BSQ_JAX_TCMALLOC=0 to not.")
 flags.DEFINE_integer("init_timeout", 300, "Several hosts: seconds to wait for "
                      "every process to reach the coordinator.")
 flags.mark_flags_as_required(["config"])
@@ -91,6 +94,10 @@ def _exit_with(message: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from bsq_jax import allocator  # pylint: disable=import-outside-toplevel
+  # Before JAX starts: may replace this process with itself under tcmalloc.
+  no_restart = (allocator.restart_under_tcmalloc(logging.info)
+                if FLAGS.tcmalloc else "--notcmalloc")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if FLAGS.config.xla_fast_compile:  # must be set before JAX starts
     flags_now = os.environ.get("XLA_FLAGS", "")
@@ -100,14 +107,14 @@ def main(argv):
                     "--xla_llvm_disable_expensive_passes=true")
         if f.split("=")[0] not in flags_now]).strip()
   import jax  # pylint: disable=import-outside-toplevel
-  from bsq_jax import allocator, errors, report, train  # pylint: disable=import-outside-toplevel
+  from bsq_jax import errors, report, train  # pylint: disable=import-outside-toplevel
   report.quiet_libraries()
   if FLAGS.coordinator_address:
     start_processes(jax)
 
-  hint = allocator.hint() if jax.default_backend() == "cpu" else None
-  if hint:
-    logging.warning("%s", hint)
+  note = allocator.note(no_restart) if jax.default_backend() == "cpu" else None
+  if note:
+    (logging.warning if note[0] else logging.info)("%s", note[1])
   workdir = FLAGS.workdir or default_workdir(
       config_flags.get_config_filename(FLAGS["config"]))
   logging.info("process %d of %d; local devices: %s; %d devices in all",

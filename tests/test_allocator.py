@@ -61,3 +61,64 @@ def _loaded_in_child(preload):
 def test_a_preloaded_tcmalloc_is_seen():
   assert not _loaded_in_child(None)
   assert _loaded_in_child(allocator.find("tcmalloc"))
+
+
+def _restart_ready(monkeypatch, loaded=False, path="/x/libtcmalloc_minimal.so.4",
+                   on_cpu=True):
+  monkeypatch.setattr(allocator.sys, "platform", "linux")
+  monkeypatch.setattr(allocator, "loaded", lambda name: loaded)
+  monkeypatch.setattr(allocator, "find", lambda name: path)
+  monkeypatch.setattr(allocator, "jax_on_cpu", lambda environ: on_cpu)
+
+
+def test_restart_env_preloads_tcmalloc_once(monkeypatch):
+  _restart_ready(monkeypatch)
+  env, why = allocator.restart_env({"PATH": "/bin", "LD_PRELOAD": "/y/a.so"})
+  assert why == "LD_PRELOAD=/x/libtcmalloc_minimal.so.4"
+  assert env == {"PATH": "/bin", allocator.RESTARTED: "1",
+                 "LD_PRELOAD": "/x/libtcmalloc_minimal.so.4 /y/a.so"}
+  # The restarted process never restarts again, even if the preload failed.
+  env2, why = allocator.restart_env(env)
+  assert env2 is None and why.startswith("restarted once under LD_PRELOAD=/x/")
+  assert allocator.note(why) == (
+      True, f"malloc: {why}; running on the default malloc")
+
+
+@pytest.mark.parametrize("setting,env,why", [
+    ({}, {allocator.OPT_OUT: "0"}, "BSQ_JAX_TCMALLOC=0"),
+    ({}, {allocator.OPT_OUT: "off"}, "BSQ_JAX_TCMALLOC=off"),
+    ({"loaded": True}, {}, "tcmalloc loaded"),
+    ({"path": None}, {}, "tcmalloc not installed"),
+    ({"on_cpu": False}, {}, "JAX runs on an accelerator"),
+])
+def test_restart_env_says_why_not(monkeypatch, setting, env, why):
+  _restart_ready(monkeypatch, **setting)
+  assert allocator.restart_env(env) == (None, why)
+
+
+def test_restart_env_only_on_linux(monkeypatch):
+  _restart_ready(monkeypatch)
+  monkeypatch.setattr(allocator.sys, "platform", "darwin")
+  assert allocator.restart_env({}) == (None, "not Linux")
+
+
+def test_note_after_no_restart(monkeypatch):
+  monkeypatch.setattr(allocator, "loaded", lambda name: True)
+  assert allocator.note("tcmalloc loaded") == (False, "malloc: tcmalloc")
+  monkeypatch.setattr(allocator, "loaded", lambda name: False)
+  monkeypatch.setattr(allocator, "find", lambda name: None)
+  assert allocator.note("BSQ_JAX_TCMALLOC=0") is None  # opted out: quiet
+  assert allocator.note("--notcmalloc") is None
+  warning, line = allocator.note("tcmalloc not installed")
+  assert warning and "apt-get install libtcmalloc-minimal4" in line
+
+
+@pytest.mark.parametrize("environ,plugins,on_cpu", [
+    ({"JAX_PLATFORMS": "cpu"}, True, True),
+    ({"JAX_PLATFORMS": "cuda,cpu"}, False, False),
+    ({"JAX_PLATFORMS": ""}, False, True),
+    ({}, True, False),
+])
+def test_jax_on_cpu(monkeypatch, environ, plugins, on_cpu):
+  monkeypatch.setattr(allocator, "_accelerator_installed", lambda: plugins)
+  assert allocator.jax_on_cpu(environ) == on_cpu

@@ -67,23 +67,61 @@ def other_model_workdir(tmp_path):
   return workdir
 
 
+def _env(**changes):
+  """os.environ without LD_PRELOAD and the allocator switches, then `changes`."""
+  env = {k: v for k, v in os.environ.items() if k not in (
+      "LD_PRELOAD", allocator.OPT_OUT, allocator.RESTARTED)}
+  return {**env, **changes}
+
+
 def test_workdir_of_another_model_is_kept(tmp_path):
   workdir = other_model_workdir(tmp_path)
   before = snapshot(str(workdir))
-  env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-  result = run_main(workdir=str(workdir), env=env)
+  result = run_main(workdir=str(workdir), env=_env())
   assert result.returncode == 1
   assert "holds a run of another model" in last_line(result)
   assert "Traceback" not in result.stderr
   assert snapshot(str(workdir)) == before
-  # On CPU without tcmalloc, main.py says how to run faster (one line).
-  assert "faster under tcmalloc" in result.stderr
+  if allocator.find("tcmalloc"):
+    # On CPU main.py starts itself again under tcmalloc, once, and the
+    # restarted process (which wrote the error above) has it loaded.
+    assert result.stderr.count("restarting under tcmalloc") == 1
+    assert "malloc: tcmalloc" in result.stderr
+  else:  # it says how to run faster (one line)
+    assert "faster under tcmalloc" in result.stderr
 
 
-@pytest.mark.skipif(allocator.find("tcmalloc") is None,
-                    reason="tcmalloc not installed (.ci/run installs it)")
-def test_no_allocator_hint_under_tcmalloc(tmp_path):
-  env = dict(os.environ, LD_PRELOAD=allocator.find("tcmalloc"))
+TCMALLOC = pytest.mark.skipif(allocator.find("tcmalloc") is None,
+                              reason="tcmalloc not installed (.ci/run installs it)")
+
+
+@TCMALLOC
+def test_no_restart_under_tcmalloc(tmp_path):
+  env = _env(LD_PRELOAD=allocator.find("tcmalloc"))
   result = run_main(workdir=str(other_model_workdir(tmp_path)), env=env)
   assert "holds a run of another model" in last_line(result)
+  assert "restarting" not in result.stderr
+  assert "malloc: tcmalloc" in result.stderr
   assert "faster under tcmalloc" not in result.stderr
+
+
+@TCMALLOC
+@pytest.mark.parametrize("args,env", [
+    ([], {allocator.OPT_OUT: "0"}), (["--notcmalloc"], {})])
+def test_opt_out_stays_on_the_default_malloc(tmp_path, args, env):
+  result = run_main(*args, workdir=str(other_model_workdir(tmp_path)),
+                    env=_env(**env))
+  assert "holds a run of another model" in last_line(result)
+  assert "restarting" not in result.stderr
+  assert "malloc: tcmalloc" not in result.stderr
+  assert "faster under tcmalloc" not in result.stderr  # asked for: no hint
+
+
+@TCMALLOC
+def test_a_restart_that_did_not_load_tcmalloc_is_not_repeated(tmp_path):
+  """As if the preload had failed: the restarted process warns and goes on."""
+  result = run_main(workdir=str(other_model_workdir(tmp_path)),
+                    env=_env(**{allocator.RESTARTED: "1"}))
+  assert "holds a run of another model" in last_line(result)
+  assert "restarting" not in result.stderr
+  assert "running on the default malloc" in result.stderr
