@@ -58,10 +58,11 @@ def check(config: Mapping[str, Any]) -> None:
       raise ConfigError(f"config.model.depth: expected 6k+2 (20, 32, 44, 56, "
                         f"110), got {depth}")
   _number(config, "model.num_classes", int, 2)
-  act = _number(config, "model.act_bits", int, 1)
-  if not (act <= 16 or act == 32):
-    raise ConfigError(f"config.model.act_bits: expected 1..16 or 32 (float), "
-                      f"got {act}")
+  if config["model"]["name"] != "flax":  # a "flax" model's acts are rules
+    act = _number(config, "model.act_bits", int, 1)
+    if not (act <= 16 or act == 32):
+      raise ConfigError(f"config.model.act_bits: expected 1..16 or 32 "
+                        f"(float), got {act}")
   _number(config, "convert.bits", int, 1, 16)
   for name in SCHEDULES:
     _number(config, f"{name}.epochs", int, 0)

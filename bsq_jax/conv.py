@@ -10,6 +10,11 @@ The gain depends on the machine: the whole ResNet-20 step was 2.7x faster
 with it on that machine, 1.34-1.43x on a later one of the same kind
 (results/speed.md, the `BSQ_JAX_CONV=xla` trial).
 
+`conv_general_dilated` has `jax.lax.conv_general_dilated`'s signature, so
+it is what `nn.Conv` calls (`bsq_jax.quantize` sets it on every plain
+`nn.Conv`); the cases the per-tap gradient does not cover (dilation,
+groups, other layouts or ranks) go to XLA unchanged.
+
 Only on CPU: GPU libraries have fast kernel gradients of their own.
 `BSQ_JAX_CONV=xla` in the environment keeps XLA's gradient on CPU too
 (benchmarks/speed.py compares the two that way).
@@ -32,13 +37,50 @@ def _conv(x, w, stride: int, pad: Padding):
       x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _use_cpu_kernel_grad() -> bool:
+  return (jax.default_backend() == "cpu"
+          and os.environ.get("BSQ_JAX_CONV") != "xla")
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+  """`jax.lax.conv_general_dilated`, with the per-tap kernel gradient on CPU
+  for the plain 2-D NHWC x HWIO case."""
+  plain = (lhs.ndim == 4 and _is_nhwc_hwio(dimension_numbers, lhs, rhs)
+           and all(d == 1 for d in (lhs_dilation or (1, 1)))
+           and all(d == 1 for d in (rhs_dilation or (1, 1)))
+           and feature_group_count == 1 and batch_group_count == 1
+           and precision is None and preferred_element_type is None
+           and len(set(window_strides)) == 1)
+  if not (plain and _use_cpu_kernel_grad()):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+        dimension_numbers, feature_group_count, batch_group_count, precision,
+        preferred_element_type)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2],
+                                      window_strides, padding)
+  return conv2d(lhs, rhs, int(window_strides[0]), padding)
+
+
+def _is_nhwc_hwio(dimension_numbers, lhs, rhs) -> bool:
+  want = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                        ("NHWC", "HWIO", "NHWC"))
+  if dimension_numbers is None:
+    return False
+  return jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                        dimension_numbers) == want
+
+
 def conv2d(x: jax.Array, w: jax.Array, stride: int,
            pad: Union[str, Sequence[Sequence[int]]]) -> jax.Array:
   """NHWC x HWIO convolution; `pad` is "VALID" or (lo, hi) per side."""
   if pad == "VALID":
     pad = ((0, 0), (0, 0))
   pad = tuple(tuple(int(v) for v in p) for p in pad)
-  if jax.default_backend() == "cpu" and os.environ.get("BSQ_JAX_CONV") != "xla":
+  if _use_cpu_kernel_grad():
     return _cpu_conv(x, w, stride, pad)
   return _conv(x, w, stride, pad)
 

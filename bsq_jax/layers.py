@@ -1,7 +1,7 @@
-"""Quantized Flax layers and activation quantizers (spec sections 2, 7, 10).
+"""The quantization context and the activation quantizer (spec sections 2, 7).
 
-One layer definition serves three modes, chosen by a `Quant` context:
-- ``float``:    plain float params, as ``nn.Conv`` / ``nn.Dense`` hold them;
+`Quant` says how a model's quantized tensors are stored and used:
+- ``float``:    plain float params, as the model's own layers hold them;
 - ``bsq``:      each quantized tensor is a `BitPlanes` param (planes + scale);
 - ``finetune``: each quantized tensor is a `Levels` param (float c + scale) at
   the fixed precision the scheme gives.
@@ -9,13 +9,14 @@ One layer definition serves three modes, chosen by a `Quant` context:
 The scheme maps a tensor's path ("layer1_0/conv1/kernel") to its precision.
 It is static: a new scheme is a new model and one recompile. A scheme that
 lacks a layer's entry is an error, never a silent default.
+`bsq_jax.quantize.QuantizedModel` applies it to an unchanged Flax model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -23,7 +24,6 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from bsq_jax import bitplanes as bp
-from bsq_jax import conv
 
 MODES = ("float", "bsq", "finetune")
 
@@ -56,81 +56,6 @@ class Quant:
     return self.scheme[path]
 
 
-def _planes_init(base_init: Callable, shape, bits: int) -> Callable:
-  """A BitPlanes initializer: encode a freshly drawn float tensor."""
-  return lambda key: bp.encode(base_init(key, shape, jnp.float32), bits, jnp)
-
-
-def _levels_init(base_init: Callable, shape) -> Callable:
-  def init(key):
-    w = base_init(key, shape, jnp.float32)
-    s = jnp.max(jnp.abs(w))
-    return bp.Levels(c=w / jnp.where(s > 0, s, 1.0), scale=s)
-  return init
-
-
-def quantized_tensor(module: nn.Module, name: str, quant: Quant, shape,
-                     init_fn: Callable, quantized: bool = True) -> jax.Array:
-  """Declares param `name` of `module` in `quant.mode`; returns w_used."""
-  if not quantized or quant.mode == "float":
-    return module.param(name, init_fn, tuple(shape), jnp.float32)
-  path = "/".join(module.path + (name,))
-  n = quant.bits(path)
-  if quant.mode == "bsq":
-    planes = module.param(name, lambda k: _planes_init(init_fn, shape, n)(k))
-    if planes.pos.shape != tuple(shape) + (n,):
-      raise ValueError(f"{path}: planes have shape {planes.pos.shape}, the "
-                       f"scheme expects {tuple(shape) + (n,)}")
-    return bp.weight(planes)
-  levels = module.param(name, lambda k: _levels_init(init_fn, shape)(k))
-  return bp.level_weight(levels, n)
-
-
-class QConv(nn.Module):
-  """A 2-D convolution (NHWC, HWIO) whose kernel may be quantized."""
-  features: int
-  kernel_size: int
-  quant: Quant
-  strides: int = 1
-  padding: Any = None  # None: k // 2 on every side, as PyTorch pads
-  use_bias: bool = False
-  quantized: bool = True
-  kernel_init: Callable = nn.initializers.kaiming_normal()
-
-  @nn.compact
-  def __call__(self, x):
-    k = self.kernel_size
-    shape = (k, k, x.shape[-1], self.features)
-    w = quantized_tensor(self, "kernel", self.quant, shape, self.kernel_init,
-                         self.quantized)
-    pad = self.padding if self.padding is not None else [(k // 2, k // 2)] * 2
-    y = conv.conv2d(x, w, self.strides, pad)
-    if self.use_bias:
-      y = y + quantized_tensor(self, "bias", self.quant, (self.features,),
-                               nn.initializers.zeros, self.quantized)
-    return y
-
-
-class QDense(nn.Module):
-  """A dense layer whose kernel and bias may be quantized."""
-  features: int
-  quant: Quant
-  use_bias: bool = True
-  quantized: bool = True
-  kernel_init: Callable = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self, x):
-    shape = (x.shape[-1], self.features)
-    w = quantized_tensor(self, "kernel", self.quant, shape, self.kernel_init,
-                         self.quantized)
-    y = x @ w
-    if self.use_bias:
-      y = y + quantized_tensor(self, "bias", self.quant, (self.features,),
-                               nn.initializers.zeros, self.quantized)
-    return y
-
-
 # --------------------------------------------------------------------------
 # Activations (section 7).
 
@@ -159,8 +84,40 @@ def quantize_activation(x: jax.Array, act_bits: int,
   return _quantize_to_scale(x, s, bp.steps(act_bits))
 
 
+PACT_INIT = 10.0  # the learnable clip's starting value (section 7)
+
+
+def quantize_output(module: nn.Module, x: jax.Array, act_bits: int,
+                    clip: str, axis_name: Optional[str]) -> jax.Array:
+  """A module's output quantized to `act_bits` (section 7).
+
+  clip "relu": ReLU6 for >= 4 bits, PACT for <= 3 (its clip a param
+  `pact_alpha` of `module`); "none": the signed output as it is.
+  """
+  if clip == "relu":
+    if act_bits >= 4:
+      x = jnp.clip(x, 0.0, 6.0)
+    else:
+      alpha = module.param("pact_alpha", nn.initializers.constant(PACT_INIT),
+                           ())
+      # PACT: y = clip(x, 0, alpha); d y / d alpha = 1 where x >= alpha.
+      x = nn.relu(x) - nn.relu(x - alpha)
+  return quantize_activation(x, act_bits, axis_name)
+
+
+class ReLU(nn.Module):
+  """`nn.relu` as a named module: what an activation rule with clip "relu"
+  replaces by the paper's activation (ReLU6 or PACT, then the quantizer).
+  Compact, so that a PACT clip can be declared in it."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.relu(x)
+
+
 class QuantAct(nn.Module):
-  """The block activation: ReLU6 (>= 4 bits), PACT (<= 3 bits) or ReLU (32)."""
+  """The block activation as a module: ReLU6 (>= 4 bits), PACT (<= 3 bits)
+  or ReLU (32), quantized."""
   act_bits: int
   axis_name: Optional[str] = None
 
@@ -168,13 +125,7 @@ class QuantAct(nn.Module):
   def __call__(self, x):
     if self.act_bits == 32:
       return nn.relu(x)
-    if self.act_bits >= 4:
-      x = jnp.clip(x, 0.0, 6.0)
-    else:
-      clip = self.param("pact_alpha", nn.initializers.constant(10.0), ())
-      # PACT: y = clip(x, 0, alpha); d y / d alpha = 1 where x >= alpha.
-      x = nn.relu(x) - nn.relu(x - clip)
-    return quantize_activation(x, self.act_bits, self.axis_name)
+    return quantize_output(self, x, self.act_bits, "relu", self.axis_name)
 
 
 def check_act_bits(act_bits: int) -> None:

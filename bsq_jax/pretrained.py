@@ -8,6 +8,7 @@ imported there, lazily.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -16,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bsq_jax import layers
 from bsq_jax import scheme as sch
 from bsq_jax.layers import Quant, freeze_scheme
-from bsq_jax.models.cifar_resnet import CifarResNet
 
 # Flax leaf name -> PyTorch parameter / buffer name.
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
@@ -86,7 +87,9 @@ def load_torch_resnet(state_dict: Mapping[str, Any], depth: int,
   to bit planes of that precision (spec section 3). Returns (model, variables)
   with `model.apply(variables, x_nhwc, train=False)` giving the logits.
   """
-  model = CifarResNet(depth=depth, num_classes=num_classes, act_bits=act_bits)
+  from bsq_jax.models import build_model  # pylint: disable=import-outside-toplevel
+  model = build_model({"name": "cifar_resnet", "depth": depth,
+                       "num_classes": num_classes, "act_bits": act_bits})
   return _load_torch_model(model, state_dict,
                            jnp.zeros((1, 32, 32, 3), jnp.float32), weight_bits)
 
@@ -135,15 +138,14 @@ def _load_torch_model(model, state_dict: Mapping[str, Any], sample_input,
   weight_bits=None keeps float weights; an int converts every quantized
   tensor to bit planes of that precision (spec section 3).
   """
-  from bsq_jax.layers import QuantAct  # pylint: disable=import-outside-toplevel
-  variables = load_state_dict(model.clone(act_bits=32), state_dict,
+  no_acts = dataclasses.replace(model.rules, acts=())
+  variables = load_state_dict(model.clone(rules=no_acts), state_dict,
                               sample_input, cifar_torch_name)
-  if model.act_bits <= 3:  # add the PACT clips, at QuantAct's initial value
-    alpha = QuantAct(model.act_bits).init(
-        jax.random.key(0), jnp.zeros(()))["params"]["pact_alpha"]
+  if model.rules.has_pact:  # add the PACT clips, at their initial value
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                sample_input))["params"]
     loaded = flax.traverse_util.flatten_dict(variables["params"])
+    alpha = jnp.float32(layers.PACT_INIT)
     variables = dict(variables, params=flax.traverse_util.unflatten_dict({
         k: loaded[k] if k[-1] != "pact_alpha" else alpha
         for k in flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))}))
@@ -170,12 +172,10 @@ def load_torchvision_resnet50(state_dict: Mapping[str, Any], act_bits: int,
   with `model.apply(variables, x_nhwc, train=False)` giving the logits; see
   `load_torch_resnet` for weight_bits.
   """
-  from bsq_jax.layers import check_act_bits  # pylint: disable=import-outside-toplevel
-  from bsq_jax.models.imagenet_resnet import ImageNetResNet  # pylint: disable=import-outside-toplevel
-  check_act_bits(act_bits)
-  model = ImageNetResNet(num_classes=_num_classes(state_dict),
-                         act_bits=act_bits,
-                         quantize_shortcut=quantize_shortcut)
+  from bsq_jax.models import imagenet_resnet  # pylint: disable=import-outside-toplevel
+  model = imagenet_resnet.from_config(
+      {"act_bits": act_bits, "num_classes": _num_classes(state_dict),
+       "quantize_shortcut": quantize_shortcut}, Quant(), None)
   x = jnp.zeros((1, 224, 224, 3), jnp.float32)
   return _load_torch_model(model, state_dict, x, weight_bits)
 
@@ -192,14 +192,14 @@ def load_torchvision_inception_v3(state_dict: Mapping[str, Any],
   weights, which set it (a model made with weights=None does not). Returns
   (model, variables) as `load_torchvision_resnet50`.
   """
-  from bsq_jax.layers import check_act_bits  # pylint: disable=import-outside-toplevel
-  from bsq_jax.models.inception_v3 import InceptionV3  # pylint: disable=import-outside-toplevel
-  check_act_bits(act_bits)
+  from bsq_jax.models import inception_v3  # pylint: disable=import-outside-toplevel
   if not aux_logits:
     state_dict = {k: v for k, v in state_dict.items()
                   if not k.startswith("AuxLogits.")}
-  model = InceptionV3(num_classes=_num_classes(state_dict), act_bits=act_bits,
-                      aux_logits=aux_logits, transform_input=transform_input)
+  model = inception_v3.from_config(
+      {"act_bits": act_bits, "num_classes": _num_classes(state_dict),
+       "aux_logits": aux_logits, "transform_input": transform_input},
+      Quant(), None)
   x = jnp.zeros((1, 299, 299, 3), jnp.float32)
   return _load_torch_model(model, state_dict, x, weight_bits)
 

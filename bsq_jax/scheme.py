@@ -17,7 +17,6 @@ import jax
 import numpy as np
 
 from bsq_jax import bitplanes as bp
-from bsq_jax.layers import Quant
 
 Params = Dict[str, Any]
 Scheme = Dict[str, int]
@@ -83,11 +82,9 @@ def sizes_of(params: Params) -> Dict[str, int]:
   return {p: size(v) for p, v in quantized(params)}
 
 
-def quantized_names(model, sample_input, bits: int = 8) -> Tuple[str, ...]:
-  """Paths of the tensors `model` quantizes, read off its bsq form's shapes."""
-  bsq = model.clone(quant=Quant("bsq", None, bits))
-  shapes = jax.eval_shape(lambda: bsq.init(jax.random.key(0), sample_input))
-  return tuple(p for p, _ in quantized(shapes["params"]))
+def quantized_names(model, sample_input) -> Tuple[str, ...]:
+  """Paths of the tensors a `QuantizedModel` quantizes (its rules' choice)."""
+  return model.quantized_names(sample_input)
 
 
 def uniform_scheme(model, sample_input, bits: int) -> Scheme:

@@ -94,7 +94,7 @@ def synthetic_state_dict(depth=8):
   """A state_dict with the right names and shapes, no torch needed."""
   from bsq_jax.models.cifar_resnet import CifarResNet
   import jax
-  model = CifarResNet(depth=depth, act_bits=32)
+  model = CifarResNet(depth=depth)  # plain Flax: float ReLUs, no PACT
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                              jnp.zeros((1, 32, 32, 3))))
   sd = {}

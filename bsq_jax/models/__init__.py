@@ -1,8 +1,10 @@
-"""Model families built from the quantized layers of `bsq_jax.layers`.
+"""Model families: plain Flax models, each with the rules that say what BSQ
+quantizes in it (`bsq_jax.rules`).
 
 `build_model(model_cfg, quant, axis_name)` is the one place a model is made
 from its config, so a checkpoint or an exported file that stores the model
-config can rebuild the same network.
+config can rebuild the same network. It returns a
+`bsq_jax.quantize.QuantizedModel`: the plain model, its rules and `quant`.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import jax
 
 from bsq_jax.layers import Quant
-from bsq_jax.models.cifar_resnet import CifarResNet, check_depth
-from bsq_jax.models import imagenet_resnet, inception_v3
+from bsq_jax.models import any_flax, cifar_resnet, imagenet_resnet, inception_v3
+from bsq_jax.quantize import QuantizedModel
 
 
 def _cifar_resnet(cfg: Mapping[str, Any], quant: Quant,
                   axis_name: Optional[str]):
-  check_depth(cfg["depth"])
-  return CifarResNet(depth=cfg["depth"], num_classes=cfg["num_classes"],
-                     act_bits=cfg["act_bits"], quant=quant, axis_name=axis_name,
-                     quantize_shortcut=cfg.get("quantize_shortcut", False),
-                     width=cfg.get("width", 16))
+  cifar_resnet.check_depth(cfg["depth"])
+  model = cifar_resnet.CifarResNet(depth=cfg["depth"],
+                                   num_classes=cfg["num_classes"],
+                                   width=cfg.get("width", 16))
+  rules = cifar_resnet.rules(cfg["act_bits"],
+                             cfg.get("quantize_shortcut", False))
+  return QuantizedModel(model, rules, quant, axis_name)
 
 
 # name -> (constructor, input shape (H, W, C) without the batch axis)
@@ -35,6 +39,8 @@ FAMILIES: Dict[str, Tuple[Callable, Callable[[Mapping], Tuple[int, ...]]]] = {
                  imagenet_resnet.config_input_shape),
     "inception_v3": (inception_v3.from_config,
                      inception_v3.config_input_shape),
+    # Any Flax model, by import path (bsq_jax/models/any_flax.py).
+    "flax": (any_flax.from_config, any_flax.config_input_shape),
 }
 
 

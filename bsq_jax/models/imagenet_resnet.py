@@ -1,4 +1,4 @@
-"""ImageNet ResNet-50 in torchvision's layout (v1.5), from quantized layers.
+"""ImageNet ResNet-50 in torchvision's layout (v1.5), in plain Flax.
 
 Module names mirror torchvision's so that a state_dict maps name for name:
 ``conv1``/``bn1`` (stem), ``layer{1..4}_{i}/conv{1,2,3}``, ``.../bn{1,2,3}``,
@@ -6,8 +6,8 @@ Module names mirror torchvision's so that a state_dict maps name for name:
 ``downsample.1``), ``fc``. v1.5: the stride of a stage sits in the 3x3 conv
 of its first bottleneck, not in the first 1x1.
 
-Quantized weights: every convolution (the 7x7 stem included) and ``fc``
-(weight and bias). The 1x1 downsample convolutions are quantized too when
+What BSQ quantizes is said by `rules`. Weights: every convolution (the 7x7
+stem included) and ``fc`` (weight and bias). The 1x1 downsample convolutions are quantized too when
 `quantize_shortcut` is set (the ImageNet default). BatchNorm stays float.
 
 Activation quantization (spec section 7, by analogy with the CIFAR basic
@@ -32,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bsq_jax.layers import QConv, QDense, Quant, QuantAct, check_act_bits
-from bsq_jax.models.cifar_resnet import batch_norm
+from bsq_jax.layers import Quant, check_act_bits
+from bsq_jax.models.common import ReLU, batch_norm, conv, resnet_rules
+from bsq_jax.quantize import QuantizedModel
+from bsq_jax.rules import Rules
 
 # torchvision's init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -43,30 +45,27 @@ _dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 RESNET50_STAGES = (3, 4, 6, 3)
 
 
+def _conv(features: int, k: int, strides: int, name: str, padding=None):
+  return conv(features, k, strides, padding, _conv_init, name)
+
+
 class Bottleneck(nn.Module):
-  """1x1 - 3x3 (strided) - 1x1 (x4 channels), each with BN; act-q after each."""
+  """1x1 - 3x3 (strided) - 1x1 (x4 channels), each with BN; act after each."""
   planes: int
   strides: int
-  quant: Quant
-  act_bits: int
-  axis_name: Optional[str] = None
-  quantize_shortcut: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
-    act = lambda name: QuantAct(self.act_bits, self.axis_name, name=name)
-    bn = lambda name: batch_norm(train, self.axis_name, name)
-    conv = lambda f, k, s, name: QConv(f, k, self.quant, strides=s,
-                                       kernel_init=_conv_init, name=name)
-    y = act("act1")(bn("bn1")(conv(self.planes, 1, 1, "conv1")(x)))
-    y = act("act2")(bn("bn2")(conv(self.planes, 3, self.strides, "conv2")(y)))
-    y = bn("bn3")(conv(self.planes * 4, 1, 1, "conv3")(y))
+    bn = lambda name: batch_norm(train, name)
+    y = ReLU(name="act1")(bn("bn1")(_conv(self.planes, 1, 1, "conv1")(x)))
+    y = ReLU(name="act2")(bn("bn2")(_conv(self.planes, 3, self.strides,
+                                          "conv2")(y)))
+    y = bn("bn3")(_conv(self.planes * 4, 1, 1, "conv3")(y))
     if self.strides != 1 or x.shape[-1] != self.planes * 4:
-      x = QConv(self.planes * 4, 1, self.quant, strides=self.strides,
-                padding="VALID", quantized=self.quantize_shortcut,
-                kernel_init=_conv_init, name="downsample_conv")(x)
+      x = _conv(self.planes * 4, 1, self.strides, "downsample_conv",
+                "VALID")(x)
       x = bn("downsample_bn")(x)
-    return act("act3")(y + x)
+    return ReLU(name="act3")(y + x)
 
 
 class ImageNetResNet(nn.Module):
@@ -76,28 +75,26 @@ class ImageNetResNet(nn.Module):
   exist so tests can build a small network of the same structure.
   """
   num_classes: int = 1000
-  act_bits: int = 8
-  quant: Quant = Quant()
-  axis_name: Optional[str] = None
-  quantize_shortcut: bool = True
   width: int = 64
   stage_sizes: Sequence[int] = RESNET50_STAGES
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = QConv(self.width, 7, self.quant, strides=2, kernel_init=_conv_init,
-              name="conv1")(x)
-    x = nn.relu(batch_norm(train, self.axis_name, "bn1")(x))
+    x = _conv(self.width, 7, 2, "conv1")(x)
+    x = nn.relu(batch_norm(train, "bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, blocks in enumerate(self.stage_sizes):
       for b in range(blocks):
         x = Bottleneck(self.width * 2**stage,
-                       2 if (stage > 0 and b == 0) else 1, self.quant,
-                       self.act_bits, self.axis_name, self.quantize_shortcut,
+                       2 if (stage > 0 and b == 0) else 1,
                        name=f"layer{stage + 1}_{b}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    return QDense(self.num_classes, self.quant, kernel_init=_dense_init,
-                  name="fc")(x)
+    return nn.Dense(self.num_classes, kernel_init=_dense_init, name="fc")(x)
+
+
+def rules(act_bits: int, quantize_shortcut: bool = True) -> Rules:
+  """Every conv and fc (weight and bias); the three block activations."""
+  return resnet_rules(r"layer\d+_\d+/act[123]", act_bits, quantize_shortcut)
 
 
 # --------------------------------------------------------------------------
@@ -138,16 +135,16 @@ def memory_bytes(model_cfg: Mapping[str, Any], mode: str,
 
 
 def from_config(cfg: Mapping[str, Any], quant: Quant,
-                axis_name: Optional[str]) -> ImageNetResNet:
+                axis_name: Optional[str]) -> QuantizedModel:
   """Fields: act_bits; num_classes (1000); quantize_shortcut (True); for
   tests only, width (64) and stage_sizes ([3, 4, 6, 3])."""
   check_act_bits(cfg["act_bits"])
-  return ImageNetResNet(
-      num_classes=cfg.get("num_classes", 1000), act_bits=cfg["act_bits"],
-      quant=quant, axis_name=axis_name,
-      quantize_shortcut=cfg.get("quantize_shortcut", True),
-      width=cfg.get("width", 64),
+  model = ImageNetResNet(
+      num_classes=cfg.get("num_classes", 1000), width=cfg.get("width", 64),
       stage_sizes=tuple(cfg.get("stage_sizes", RESNET50_STAGES)))
+  return QuantizedModel(
+      model, rules(cfg["act_bits"], cfg.get("quantize_shortcut", True)),
+      quant, axis_name)
 
 
 def config_input_shape(cfg: Mapping[str, Any]):

@@ -1,0 +1,205 @@
+"""BSQ on Flax models this project did not write: the rules, and the whole
+pipeline on an ordinary CNN and MLP defined here with nothing from bsq_jax."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from bsq_jax import bitplanes as bp
+from bsq_jax import export
+from bsq_jax import scheme as sch
+from bsq_jax.checkpoint import load_result
+from bsq_jax.layers import Quant
+from bsq_jax.models import build_model
+from bsq_jax.models.any_flax import model_config
+from bsq_jax.quantize import QuantizedModel
+from bsq_jax.rules import ActRule, RuleError, Rules, WeightRule
+from bsq_jax.train import train_and_evaluate
+from tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+X = jnp.zeros((2, 32, 32, 3))
+
+
+class PlainCNN(nn.Module):
+  """An ordinary Flax CNN."""
+  width: int = 8
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(self.width, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.relu(x)
+    x = nn.Conv(self.width * 2, (3, 3), strides=(2, 2))(x)
+    x = nn.relu(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(10)(x)
+
+
+class PlainMLP(nn.Module):
+  """An ordinary Flax MLP, with no train flag and no BatchNorm."""
+  hidden: int = 32
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(self.hidden)(x)
+    x = nn.LayerNorm()(nn.relu(x))
+    return nn.Dense(10)(x)
+
+
+class WithCounter(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    self.param("count", lambda key: jnp.zeros((), jnp.int32))
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def names(model, rules):
+  return QuantizedModel(model, rules).quantized_names(X)
+
+
+# -- rules --------------------------------------------------------------------
+
+
+def test_defaults_quantize_every_kernel_and_nothing_else():
+  assert names(PlainCNN(), Rules()) == ("Conv_0/kernel", "Conv_1/kernel",
+                                        "Dense_0/kernel")
+  with_bias = names(PlainCNN(), Rules(bias=True))
+  assert with_bias == ("Conv_0/bias", "Conv_0/kernel", "Conv_1/bias",
+                       "Conv_1/kernel", "Dense_0/bias", "Dense_0/kernel")
+  # LayerNorm's scale and bias stay float, with the bias option too.
+  assert names(PlainMLP(), Rules(bias=True)) == (
+      "Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel")
+
+
+def test_first_matching_rule_wins():
+  rules = Rules((WeightRule("Conv_1/kernel", False), WeightRule(".*kernel")))
+  assert names(PlainCNN(), rules) == ("Conv_0/kernel", "Dense_0/kernel")
+  # The same two rules the other way round: the broad one decides all.
+  rules = Rules((WeightRule(".*kernel"), WeightRule("Conv_1/kernel", False)))
+  with pytest.raises(RuleError, match="'Conv_1/kernel' matches no param"):
+    names(PlainCNN(), rules)  # shadowed, so it never matches
+
+
+def test_scheme_covers_exactly_the_selected_parameters():
+  rules = Rules((WeightRule("Dense_0/kernel"),), bias=True)
+  model = QuantizedModel(PlainCNN(), rules, Quant("bsq", None, 4))
+  variables = model.init(jax.random.key(0), X)
+  quantized = dict(sch.quantized(variables["params"]))
+  assert set(quantized) == {"Dense_0/kernel", "Dense_0/bias"}
+  assert all(v.bits == 4 for v in quantized.values())
+  assert not isinstance(variables["params"]["Conv_0"]["kernel"], bp.BitPlanes)
+
+
+@pytest.mark.parametrize("model,rules,message", [
+    (PlainCNN(), Rules((WeightRule("nothing/.*"),)),
+     "'nothing/.*' matches no parameter"),
+    (PlainCNN(), Rules((WeightRule("BatchNorm_0/scale"),)),
+     "matches BatchNorm_0/scale, a parameter of a BatchNorm layer"),
+    (WithCounter(), Rules((WeightRule("count"),)), "count, a int32 array"),
+    (PlainCNN(), Rules(acts=(ActRule("Conv_0", 4),)),
+     "matches Conv_0, a Conv; it replaces bsq_jax.layers.ReLU"),
+    (PlainCNN(), Rules(acts=(ActRule("act9", 4, "none"),)),
+     "'act9' matches no module"),
+])
+def test_bad_rules_are_one_line_errors(model, rules, message):
+  with pytest.raises(RuleError, match=message) as e:
+    names(model, rules)
+  assert "\n" not in str(e.value)
+
+
+def test_model_without_quantizable_parameter_is_an_error():
+  class NormOnly(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.LayerNorm()(x)
+  with pytest.raises(RuleError, match="matches no parameter"):
+    names(NormOnly(), Rules())
+
+
+def test_activation_rule_quantizes_a_module_output():
+  rules = Rules(acts=(ActRule("Dense_0", 2, "none"),))
+  model = QuantizedModel(PlainMLP(), rules)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x)
+  seen = {}
+  def grab(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.module.path == ("LayerNorm_0",):
+      seen["in"] = args[0]  # relu of the quantized Dense_0 output
+    return out
+  with nn.intercept_methods(grab):
+    model.apply(variables, x)
+  levels = np.unique(np.asarray(seen["in"]))
+  assert len(levels) <= 4  # 2 bits: 0 and up to 3 positive levels
+
+
+# -- the pipeline through the API ----------------------------------------------
+
+
+def config_for(module, **changes):
+  c = tiny_config(**{"stages": "pretrain,convert,bsq", "bsq.epochs": 2,
+                     "bsq.requant_interval": 1, "bsq.alpha": 50.0,
+                     "eval_every": 100, **changes})
+  c.model = ml_collections.ConfigDict(
+      model_config(module, (32, 32, 3), 10, Rules(bias=True)))
+  return c
+
+
+@pytest.fixture(scope="module", params=["cnn", "mlp"])
+def plain_run(request, tmp_path_factory):
+  module = PlainCNN() if request.param == "cnn" else PlainMLP()
+  workdir = str(tmp_path_factory.mktemp(request.param))
+  train_and_evaluate(config_for(module), workdir)
+  return module, workdir
+
+
+def test_host_pass_lowers_a_precision_of_a_plain_model(plain_run):
+  _, workdir = plain_run
+  result = load_result(workdir, "bsq")
+  assert set(result.scheme) == set(names(plain_run[0], Rules(bias=True)))
+  assert min(result.scheme.values()) < 8  # alpha 50 dropped planes
+
+
+def test_export_and_load_give_bit_identical_logits(plain_run, tmp_path):
+  _, workdir = plain_run
+  result = load_result(workdir, "bsq")
+  path = str(tmp_path / "model.bsq")
+  export.export_model(path, result.model_config, result.mode, result.scheme,
+                      result.variables)
+  model, variables = export.load_model(path)
+  trained = build_model(result.model_config, Quant("bsq", result.scheme))
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(model.apply(variables, x, train=False),
+                                trained.apply(result.variables, x))
+
+
+def test_kill_and_resume_gives_the_same_parameters(plain_run, tmp_path):
+  """A model of this test file through main.py: killed right after a host
+  pass that changed the precision, resumed, equal to the uninterrupted run."""
+  module, workdir = plain_run
+  got = str(tmp_path / "got")
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"),
+         "--config=" + os.path.join(ROOT, "tests", "plain_config.py") + ":"
+         + type(module).__name__, f"--workdir={got}"]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [ROOT, os.path.join(ROOT, "tests")]))
+  killed = subprocess.run(cmd, env=dict(env, BSQ_JAX_DIE_AT="host_pass:1"),
+                          capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  a, b = load_result(workdir, "bsq"), load_result(got, "bsq")
+  assert a.scheme == b.scheme
+  for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+    np.testing.assert_array_equal(x, y)
