@@ -1,4 +1,4 @@
-"""Inception-V3 in torchvision's layout, built from quantized layers.
+"""Inception-V3 in torchvision's layout, in plain Flax.
 
 Module names mirror torchvision's ``Inception3`` (``Conv2d_1a_3x3``,
 ``Mixed_5b/branch1x1``, ``AuxLogits/conv0``, ``fc``; every BasicConv2d holds
@@ -6,21 +6,22 @@ Module names mirror torchvision's ``Inception3`` (``Conv2d_1a_3x3``,
 auxiliary head needs at least that much: its 5x5 average pool and 5x5 conv
 expect the 17x17 maps of ``Mixed_6e``).
 
-Quantized weights: every convolution (the stem included; 96 with the
-auxiliary head's two) and both classifiers, ``fc`` and ``AuxLogits/fc``
-(weight and bias). BatchNorm (eps 1e-3, as torchvision's BasicConv2d) stays
-float.
+What BSQ quantizes is said by `rules` (`from_config` wraps the model with
+them in a `bsq_jax.quantize.QuantizedModel`). Weights: every convolution
+(the stem included; 96 with the auxiliary head's two) and both
+classifiers, ``fc`` and ``AuxLogits/fc`` (weight and bias). BatchNorm (eps
+1e-3, as torchvision's BasicConv2d) stays float.
 
 Activation quantization: Inception has no residual blocks, so section 7's
 "inside every block, not the stem activation or the input" is read as: the
-ReLU output of every BasicConv2d is quantized to `act_bits`, except that of
-the first convolution ``Conv2d_1a_3x3``, the analogue of ResNet's single stem
-convolution whose activation section 7 leaves in float. Every other
-convolution therefore reads a quantized input (or a max-pool of one; the
-average-pool branches see averages of quantized values), the same coverage
-the bottleneck gets in ResNet-50. The image, and the pooled features fed to
-the classifiers, are not quantized. ``act_bits = 32`` gives plain ReLUs,
-i.e. exactly torchvision's network.
+ReLU output of every BasicConv2d (its ``act`` module) is quantized to
+`act_bits`, except that of the first convolution ``Conv2d_1a_3x3``, the
+analogue of ResNet's single stem convolution whose activation section 7
+leaves in float. Every other convolution therefore reads a quantized input
+(or a max-pool of one; the average-pool branches see averages of quantized
+values), the same coverage the bottleneck gets in ResNet-50. The image, and
+the pooled features fed to the classifiers, are not quantized.
+``act_bits = 32`` gives plain ReLUs, i.e. exactly torchvision's network.
 
 Outputs: in train mode with `aux_logits`, ``(logits, aux_logits)``
 (torchvision's reference trains on ``loss + 0.4 * aux_loss``); otherwise the
@@ -39,32 +40,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bsq_jax.layers import (QDense, Quant, QuantAct, check_act_bits,
-                            quantized_tensor)
+from bsq_jax.layers import Quant, check_act_bits
+from bsq_jax.models.common import ReLU
+from bsq_jax.quantize import QuantizedModel
+from bsq_jax.rules import ActRule, Rules
 
 # torchvision's init: trunc_normal_(std=0.1), 0.01 for AuxLogits.conv1 and
 # 0.001 for AuxLogits.fc.
 _init = nn.initializers.truncated_normal
-
-
-class QConv2d(nn.Module):
-  """A convolution with a (kh, kw) kernel and (ph, pw) padding, no bias."""
-  features: int
-  kernel_size: Tuple[int, int]
-  quant: Quant
-  strides: int = 1
-  padding: Tuple[int, int] = (0, 0)
-  kernel_init: Callable = _init(0.1)
-
-  @nn.compact
-  def __call__(self, x):
-    kh, kw = self.kernel_size
-    w = quantized_tensor(self, "kernel", self.quant,
-                         (kh, kw, x.shape[-1], self.features), self.kernel_init)
-    ph, pw = self.padding
-    return jax.lax.conv_general_dilated(
-        x, w, (self.strides, self.strides), [(ph, ph), (pw, pw)],
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -72,25 +55,28 @@ def _pair(v) -> Tuple[int, int]:
 
 
 class BasicConv2d(nn.Module):
-  """torchvision's BasicConv2d: conv (no bias), BN (eps 1e-3), ReLU (-> q)."""
+  """torchvision's BasicConv2d: conv (no bias), BN (eps 1e-3), ReLU (the
+  module ``act``, which the activation rules match)."""
   features: int
   kernel_size: Sequence[int]
-  quant: Quant
-  act_bits: int
-  axis_name: Optional[str] = None
   strides: int = 1
   padding: Sequence[int] = (0, 0)
   kernel_init: Callable = _init(0.1)
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = QConv2d(self.features, _pair(self.kernel_size), self.quant,
-                self.strides, _pair(self.padding), self.kernel_init,
+    ph, pw = _pair(self.padding)
+    # XLA's own convolution and gradient, as this model always had: an
+    # explicit op, which QuantizedModel leaves in place.
+    x = nn.Conv(self.features, _pair(self.kernel_size),
+                strides=(self.strides, self.strides),
+                padding=[(ph, ph), (pw, pw)], use_bias=False,
+                kernel_init=self.kernel_init,
+                conv_general_dilated=jax.lax.conv_general_dilated,
                 name="conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-3, axis_name=self.axis_name if train else None,
-                     name="bn")(x)
-    return QuantAct(self.act_bits, self.axis_name, name="act")(x)
+                     epsilon=1e-3, name="bn")(x)
+    return ReLU(name="act")(x)
 
 
 def _channels(c: int, width_mult: float) -> int:
@@ -109,15 +95,11 @@ def _max_pool_3x3_s2(x):
 
 class _Block(nn.Module):
   """Base of the Inception blocks: a `conv(name, c, k, ...)` factory."""
-  quant: Quant
-  act_bits: int
-  axis_name: Optional[str] = None
   width_mult: float = 1.0
 
   def conv(self, name: str, c: int, k, train: bool, strides: int = 1,
            padding=0, **kw) -> Callable:
-    m = BasicConv2d(_channels(c, self.width_mult), k, self.quant,
-                    self.act_bits, self.axis_name, strides, padding,
+    m = BasicConv2d(_channels(c, self.width_mult), k, strides, padding,
                     name=name, **kw)
     return lambda x: m(x, train)
 
@@ -215,17 +197,13 @@ class InceptionAux(_Block):
     x = self.conv("conv0", 128, 1, train)(x)
     x = self.conv("conv1", 768, 5, train, kernel_init=_init(0.01))(x)
     x = jnp.mean(x, axis=(1, 2))
-    return QDense(self.num_classes, self.quant, kernel_init=_init(0.001),
-                  name="fc")(x)
+    return nn.Dense(self.num_classes, kernel_init=_init(0.001), name="fc")(x)
 
 
 class InceptionV3(nn.Module):
   """torchvision's Inception3. `width_mult` scales every conv's channels
   (1.0 is Inception-V3; smaller values are for tests)."""
   num_classes: int = 1000
-  act_bits: int = 8
-  quant: Quant = Quant()
-  axis_name: Optional[str] = None
   aux_logits: bool = True
   transform_input: bool = False
   dropout_rate: float = 0.5
@@ -237,16 +215,13 @@ class InceptionV3(nn.Module):
       mean = jnp.asarray([0.485, 0.456, 0.406], x.dtype)
       std = jnp.asarray([0.229, 0.224, 0.225], x.dtype)
       x = x * (std / 0.5) + (mean - 0.5) / 0.5
-    blk = dict(quant=self.quant, act_bits=self.act_bits,
-               axis_name=self.axis_name, width_mult=self.width_mult)
+    blk = dict(width_mult=self.width_mult)
 
-    def conv(x, name, c, k, strides=1, padding=0, act_bits=self.act_bits):
-      return BasicConv2d(_channels(c, self.width_mult), k, self.quant,
-                         act_bits, self.axis_name, strides, padding,
+    def conv(x, name, c, k, strides=1, padding=0):
+      return BasicConv2d(_channels(c, self.width_mult), k, strides, padding,
                          name=name)(x, train)
 
-    # The stem's first activation stays float (module docstring).
-    x = conv(x, "Conv2d_1a_3x3", 32, 3, strides=2, act_bits=32)
+    x = conv(x, "Conv2d_1a_3x3", 32, 3, strides=2)
     x = conv(x, "Conv2d_2a_3x3", 32, 3)
     x = conv(x, "Conv2d_2b_3x3", 64, 3, padding=1)
     x = _max_pool_3x3_s2(x)
@@ -270,9 +245,15 @@ class InceptionV3(nn.Module):
     x = InceptionE(**blk, name="Mixed_7c")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = QDense(self.num_classes, self.quant, kernel_init=_init(0.1),
-                    name="fc")(x)
+    logits = nn.Dense(self.num_classes, kernel_init=_init(0.1), name="fc")(x)
     return (logits, aux) if (train and self.aux_logits) else logits
+
+
+def rules(act_bits: int) -> Rules:
+  """Every conv and both classifiers (weight and bias); every BasicConv2d's
+  activation but the stem's first, which stays float (module docstring)."""
+  return Rules(acts=(ActRule(r"Conv2d_1a_3x3/act", 32),
+                     ActRule(r".*/act", act_bits)), bias=True)
 
 
 # --------------------------------------------------------------------------
@@ -280,7 +261,7 @@ class InceptionV3(nn.Module):
 
 
 def from_config(cfg: Mapping[str, Any], quant: Quant,
-                axis_name: Optional[str]) -> InceptionV3:
+                axis_name: Optional[str]) -> QuantizedModel:
   """Fields: act_bits; num_classes (1000); aux_logits (True); transform_input
   (True: torchvision's pretrained weights expect it, and it is harmless from
   scratch); dropout (0.5); image_size (299); for tests only, width_mult (1)."""
@@ -289,12 +270,12 @@ def from_config(cfg: Mapping[str, Any], quant: Quant,
   if aux and size < 299:
     raise ValueError(f"model.aux_logits: Inception-V3's auxiliary head needs "
                      f"image_size >= 299, got {size}; set aux_logits=False")
-  return InceptionV3(
-      num_classes=cfg.get("num_classes", 1000), act_bits=cfg["act_bits"],
-      quant=quant, axis_name=axis_name, aux_logits=aux,
+  model = InceptionV3(
+      num_classes=cfg.get("num_classes", 1000), aux_logits=aux,
       transform_input=cfg.get("transform_input", True),
       dropout_rate=cfg.get("dropout", 0.5),
       width_mult=cfg.get("width_mult", 1.0))
+  return QuantizedModel(model, rules(cfg["act_bits"]), quant, axis_name)
 
 
 def config_input_shape(cfg: Mapping[str, Any]):
