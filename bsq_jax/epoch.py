@@ -18,8 +18,9 @@ into straight-line code, and chunks are short (`cpu_chunk_steps`), since
 compile time grows with their length; on GPU/TPU it is a rolled `lax.scan`,
 which compiles one step whatever the chunk length. `Trainer(loop=...)` is the
 one switch between the two: "auto" (the platform's choice above), "scan" or
-"straight"; both give the same numbers (tests/test_epoch_loops.py runs the
-rolled scan on CPU against the straight-line chunks).
+"straight". tests/test_epoch_loops.py runs the rolled scan on CPU against
+the straight-line chunks: the same evaluation bit for bit, and parameters
+that differ in their last bits only.
 """
 
 from __future__ import annotations
