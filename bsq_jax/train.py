@@ -37,6 +37,7 @@ from bsq_jax.data.stream import is_streamed, load_stream
 from bsq_jax.epoch import AXIS, Trainer, check_batch, put_dataset
 from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model, init_variables, input_shape
+from bsq_jax.rules import RuleError
 from bsq_jax.step import TrainState
 
 
@@ -66,13 +67,13 @@ class Run:
     check_batch(config.eval_batch_size, len(self.devices))
     self.config, self.workdir, self.command = config, workdir, command
     self.model_cfg = config.model.to_dict()
+    self.sample = self._check_model()
     self.train, self.test = self._load_data()
     held = self._check_workdir_identity()
     self._inputs = self._read_inputs()
     if not held:  # only once the run is known to be able to start
       self._write_identity()
     self.metrics = report.MetricsLog(workdir)
-    self.sample = jnp.zeros((1,) + input_shape(self.model_cfg), jnp.float32)
     self._trainers: Dict[Any, Trainer] = {}
 
   # -- set-up checks ----------------------------------------------------------
@@ -122,6 +123,24 @@ class Run:
         if need not in stages[:i] and need not in inputs:
           inputs[need] = self._finished(need)
     return inputs
+
+  def _check_model(self) -> jax.Array:
+    """Builds the model and applies its rules once, so that a model that
+    cannot be built, or rules that select nothing or what cannot be
+    quantized, end the run before the workdir is touched. Returns a sample
+    input."""
+    try:
+      sample = jnp.zeros((1,) + input_shape(self.model_cfg), jnp.float32)
+      self.model("float").quantized_names(sample)
+    except RuleError as e:
+      raise config_check.ConfigError(f"config.model.rules: {e}") from None
+    except (ValueError, TypeError) as e:
+      message = str(e).splitlines()[0] if str(e) else repr(e)
+      raise config_check.ConfigError(
+          message if message.startswith("config.") else
+          f"config.{message}" if message.startswith("model.") else
+          f"config.model: {message}") from None
+    return sample
 
   def _load_data(self):
     """(train, test): copied onto the devices, or a host-fed `Stream` for

@@ -28,9 +28,9 @@ def vit_model(**kwargs):
   m.input_shape = (32, 32, 1)           # padded Fashion-MNIST images
   m.num_classes = 10                    # must match the data set
   m.rules = ml_collections.ConfigDict(dict(
-      weights=[[r"(.*/)?kernel", True]],  # [regex over param paths, quantize]
-      acts=[],                            # [regex over module paths, bits, clip]
-      bias=False))                        # True: biases of quantized layers too
+      weights=((r"(.*/)?kernel", True),),  # (regex over param paths, quantize)
+      acts=(),                             # (regex over module paths, bits, clip)
+      bias=False))                         # True: biases of quantized layers too
   return m
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -54,6 +55,17 @@ class PlainMLP(nn.Module):
     x = nn.Dense(self.hidden)(x)
     x = nn.LayerNorm()(nn.relu(x))
     return nn.Dense(10)(x)
+
+
+class NNXMLP(nnx.Module):
+  """An ordinary Flax NNX MLP."""
+
+  def __init__(self, din: int, hidden: int, *, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(din, hidden, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(nnx.relu(self.fc1(x.reshape((x.shape[0], -1)))))
 
 
 class WithCounter(nn.Module):
@@ -146,12 +158,12 @@ def test_activation_rule_quantizes_a_module_output():
 # -- the pipeline through the API ----------------------------------------------
 
 
-def config_for(module, **changes):
+def config_for(module, nnx_kwargs=None, **changes):
   c = tiny_config(**{"stages": "pretrain,convert,bsq", "bsq.epochs": 2,
                      "bsq.requant_interval": 1, "bsq.alpha": 50.0,
                      "eval_every": 100, **changes})
   c.model = ml_collections.ConfigDict(
-      model_config(module, (32, 32, 3), 10, Rules(bias=True)))
+      model_config(module, (32, 32, 3), 10, Rules(bias=True), nnx_kwargs))
   return c
 
 
@@ -203,3 +215,24 @@ def test_kill_and_resume_gives_the_same_parameters(plain_run, tmp_path):
   assert a.scheme == b.scheme
   for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_nnx_model_trains_with_a_host_pass_that_lowers_precision(tmp_path):
+  config = config_for(NNXMLP, nnx_kwargs={"din": 32 * 32 * 3, "hidden": 16})
+  workdir = str(tmp_path / "nnx")
+  train_and_evaluate(config, workdir)
+  bsq = load_result(workdir, "bsq")
+  assert set(bsq.scheme) == {"fc1/kernel", "fc1/bias", "fc2/kernel",
+                             "fc2/bias"}
+  assert min(bsq.scheme.values()) < 8  # a host pass dropped planes
+  planes = bsq.state.params["fc1"]["kernel"]
+  assert isinstance(planes, bp.BitPlanes)
+  assert planes.pos.shape == (32 * 32 * 3, 16, bsq.scheme["fc1/kernel"])
+
+
+def test_nnx_rules_check_the_nnx_layers():
+  from bsq_jax.quantize import from_nnx
+  model = from_nnx(NNXMLP, 3072, 16, rules=Rules())
+  assert model.quantized_names(X) == ("fc1/kernel", "fc2/kernel")
+  with pytest.raises(RuleError, match="cannot be intercepted"):
+    from_nnx(NNXMLP, 3072, 16, rules=Rules(acts=(ActRule("fc1", 4, "none"),)))

@@ -21,6 +21,7 @@ from fake_fmnist import idx_images, idx_labels, write_fmnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
+SMOKE_VIT = os.path.join(ROOT, "configs", "smoke_vit.py")
 
 
 def snapshot(path):
@@ -36,8 +37,12 @@ def snapshot(path):
 
 
 def run_main(args, workdir, capsys, monkeypatch):
-  """main.py's flag parsing and main(), here; returns (exit code, stderr)."""
-  argv = ["main.py", f"--config={SMOKE}", f"--workdir={workdir}", *args]
+  """main.py's flag parsing and main(), here; returns (exit code, stderr).
+  The config is smoke.py unless `args` name another (--config=...)."""
+  config = next((a for a in args if a.startswith("--config=")),
+                f"--config={SMOKE}")
+  args = [a for a in args if not a.startswith("--config=")]
+  argv = ["main.py", config, f"--workdir={workdir}", *args]
   monkeypatch.setattr(sys, "argv", argv)  # config_flags reads overrides there
   # The --config.* override flags are registered while --config is parsed;
   # drop the last case's so this parse starts as a fresh process would.
@@ -65,7 +70,7 @@ def state_dict_npz(tmp, change):
   from bsq_jax import pretrained  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from bsq_jax.models.cifar_resnet import CifarResNet  # pylint: disable=import-outside-toplevel
-  model = CifarResNet(depth=8, num_classes=10, act_bits=32)
+  model = CifarResNet(depth=8, num_classes=10)  # plain: no PACT params
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                              np.zeros((1, 32, 32, 3))))
   sd = {}
@@ -171,6 +176,21 @@ CASES = {
         lambda t: [f"--config.convert.init_from={garbage(t)}",
                    "--config.stages=convert"],
         ["config.convert.init_from", "expected a .npz of arrays"]),
+    # rules of a plain Flax model (the ViT of configs/smoke_vit.py)
+    "rule matches nothing": (
+        [f"--config={SMOKE_VIT}", '--config.model.rules.weights=(("nothing", True),)'],
+        ["config.model.rules", "weight rule 'nothing' matches no parameter"]),
+    "rule picks a norm scale": (
+        [f"--config={SMOKE_VIT}",
+         '--config.model.rules.weights=(("block0/ln1/scale", True),)'],
+        ["config.model.rules", "block0/ln1/scale", "LayerNorm layer"]),
+    "nothing to quantize": (
+        [f"--config={SMOKE_VIT}",
+         '--config.model.rules.weights=(("(.*/)?kernel", False),)'],
+        ["config.model.rules", "no parameter is quantized"]),
+    "model not importable": (
+        [f"--config={SMOKE_VIT}", "--config.model.module=no_such.pkg:Net"],
+        ["config.model.module", "cannot import 'no_such.pkg'"]),
     # several processes
     "coordinator alone": (["--coordinator_address=127.0.0.1:1"],
                           ["--coordinator_address needs --num_processes and "

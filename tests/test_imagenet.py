@@ -142,7 +142,7 @@ def _fake_state_dict(model, x, seed=0):
 
 def test_load_resnet50_state_dict_with_pact_activations():
   from bsq_jax.models.imagenet_resnet import ImageNetResNet
-  sd = _fake_state_dict(ImageNetResNet(act_bits=32),
+  sd = _fake_state_dict(ImageNetResNet(),  # plain: float ReLUs, no PACT
                         jnp.zeros((1, 32, 32, 3)))
   model, variables = pretrained.load_torchvision_resnet50(sd, act_bits=2)
   p = variables["params"]
