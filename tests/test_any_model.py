@@ -236,3 +236,44 @@ def test_nnx_rules_check_the_nnx_layers():
   assert model.quantized_names(X) == ("fc1/kernel", "fc2/kernel")
   with pytest.raises(RuleError, match="cannot be intercepted"):
     from_nnx(NNXMLP, 3072, 16, rules=Rules(acts=(ActRule("fc1", 4, "none"),)))
+
+
+def test_readme_example_builds_what_it_says(monkeypatch):
+  """The README's API example, as written there, with the training call
+  replaced: its rules quantize the hidden layer (kernel and bias), not the
+  head."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  start = text.index("    import flax.linen as nn\n    from bsq_jax.models.any_flax")
+  block = text[start:text.index("\n\n", text.index("train_and_evaluate(config",
+                                                   start))]
+  code = "\n".join(line[4:] for line in block.splitlines())
+  assert len([l for l in code.splitlines() if l.strip()]) <= 15
+  import bsq_jax.train  # pylint: disable=import-outside-toplevel
+  seen = {}
+  monkeypatch.setattr(bsq_jax.train, "train_and_evaluate",
+                      lambda config, workdir: seen.update(config=config))
+  namespace = {"__name__": "readme_example"}
+  monkeypatch.setitem(sys.modules, "readme_example",
+                      type(sys)("readme_example"))
+  exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  sys.modules["readme_example"].__dict__.update(namespace)
+  model = build_model(seen["config"].model.to_dict())
+  assert model.quantized_names(jnp.zeros((1, 32, 32, 1))) == (
+      "hidden/bias", "hidden/kernel")
+
+
+def test_smoke_vit_runs_every_stage_through_main(tmp_path):
+  workdir = str(tmp_path / "smoke_vit")
+  done = subprocess.run(
+      [sys.executable, "main.py", "--config=configs/smoke_vit.py",
+       f"--workdir={workdir}"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+      capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  summary = open(os.path.join(workdir, "summary.md")).read()
+  for stage in ("pretrain", "convert", "bsq", "finetune", "scratch",
+                "uniform"):
+    assert f"| {stage} |" in summary
+  bsq = load_result(workdir, "bsq")
+  assert "block0/attn/query/kernel" in bsq.scheme
+  assert min(bsq.scheme.values()) < 8
