@@ -91,13 +91,11 @@ def _exit_with(message: str) -> None:
   os._exit(1)  # pylint: disable=protected-access
 
 
-def main(argv):
+def main(argv, no_restart: str = "called in-process"):
+  """The run; `no_restart`: why `run_as_program` did not restart it."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from bsq_jax import allocator  # pylint: disable=import-outside-toplevel
-  # Before JAX starts: may replace this process with itself under tcmalloc.
-  no_restart = (allocator.restart_under_tcmalloc(logging.info)
-                if FLAGS.tcmalloc else "--notcmalloc")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if FLAGS.config.xla_fast_compile:  # must be set before JAX starts
     flags_now = os.environ.get("XLA_FLAGS", "")
@@ -128,5 +126,13 @@ def main(argv):
     print(table)
 
 
+def run_as_program(argv):
+  """main() for `python main.py`: first, before JAX starts, maybe replace
+  this process with itself under tcmalloc (not when a test calls main())."""
+  from bsq_jax import allocator  # pylint: disable=import-outside-toplevel
+  main(argv, allocator.restart_under_tcmalloc(logging.info)
+       if FLAGS.tcmalloc else "--notcmalloc")
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(run_as_program, flags_parser=parse_flags)

@@ -125,3 +125,23 @@ def test_a_restart_that_did_not_load_tcmalloc_is_not_repeated(tmp_path):
   assert "holds a run of another model" in last_line(result)
   assert "restarting" not in result.stderr
   assert "running on the default malloc" in result.stderr
+
+
+def test_main_called_in_process_never_restarts(tmp_path, monkeypatch, capsys):
+  """Only `python main.py` restarts under tcmalloc: a caller of main() (a
+  test, a notebook) must not be replaced by a new process."""
+  import main as main_py  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(os, "execve", lambda *a: pytest.fail(f"execve{a[:2]}"))
+  for name in (allocator.OPT_OUT, allocator.RESTARTED, "LD_PRELOAD"):
+    monkeypatch.delenv(name, raising=False)
+  argv = ["main.py", "--config=configs/smoke.py",
+          f"--workdir={tmp_path / 'run'}", "--config.model.depth=21"]
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setattr(sys, "argv", argv)
+  for name in [n for n in main_py.FLAGS if n.startswith("config.")]:
+    delattr(main_py.FLAGS, name)
+  main_py.FLAGS.unparse_flags()
+  with pytest.raises(SystemExit):
+    main_py.parse_flags(argv)
+    main_py.main(argv[:1])
+  assert "config.model.depth" in capsys.readouterr().err
