@@ -56,8 +56,8 @@ _TRAIN_ARGS = ("train", "training", "is_training")
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """What a model holds: its float params (shape structs, in creation
-  order) and the class of every module, by path."""
+  """What a model holds: its float params (shape structs, by path in
+  jax's sorted tree order) and the class of every module, by path."""
   params: Dict[str, Any]
   owners: Dict[str, type]
 
@@ -193,13 +193,10 @@ def _adapt(module: nn.Module, train: bool, axis_name: Optional[str]) -> None:
 
 
 def _call_params(model) -> Tuple[str, ...]:
-  target = model
-  if isinstance(model, nn.Module) and hasattr(model, "nnx_class"):
-    target = model.nnx_class  # ToLinen: the NNX module's own __call__
+  """Argument names of the model's __call__ (a bridged NNX model's own)."""
+  cls = getattr(model, "nnx_class", type(model))
   try:
-    return tuple(inspect.signature(type(target).__call__
-                                   if not isinstance(target, type)
-                                   else target.__call__).parameters)
+    return tuple(inspect.signature(cls.__call__).parameters)
   except (TypeError, ValueError):
     return ()
 

@@ -167,12 +167,25 @@ def config_for(module, nnx_kwargs=None, **changes):
   return c
 
 
-@pytest.fixture(scope="module", params=["cnn", "mlp"])
-def plain_run(request, tmp_path_factory):
-  module = PlainCNN() if request.param == "cnn" else PlainMLP()
-  workdir = str(tmp_path_factory.mktemp(request.param))
+def _trained(module, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp(type(module).__name__))
   train_and_evaluate(config_for(module), workdir)
   return module, workdir
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory):
+  return _trained(PlainCNN(), tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory):
+  return _trained(PlainMLP(), tmp_path_factory)
+
+
+@pytest.fixture(params=["cnn_run", "mlp_run"])
+def plain_run(request):
+  return request.getfixturevalue(request.param)
 
 
 def test_host_pass_lowers_a_precision_of_a_plain_model(plain_run):
@@ -195,10 +208,10 @@ def test_export_and_load_give_bit_identical_logits(plain_run, tmp_path):
                                 trained.apply(result.variables, x))
 
 
-def test_kill_and_resume_gives_the_same_parameters(plain_run, tmp_path):
+def test_kill_and_resume_gives_the_same_parameters(cnn_run, tmp_path):
   """A model of this test file through main.py: killed right after a host
   pass that changed the precision, resumed, equal to the uninterrupted run."""
-  module, workdir = plain_run
+  module, workdir = cnn_run
   got = str(tmp_path / "got")
   cmd = [sys.executable, os.path.join(ROOT, "main.py"),
          "--config=" + os.path.join(ROOT, "tests", "plain_config.py") + ":"
@@ -277,3 +290,23 @@ def test_smoke_vit_runs_every_stage_through_main(tmp_path):
   bsq = load_result(workdir, "bsq")
   assert "block0/attn/query/kernel" in bsq.scheme
   assert min(bsq.scheme.values()) < 8
+
+
+def test_budget_mode_on_a_plain_model(mlp_run, tmp_path):
+  """Budget mode steers a plain model's alpha and reports the target."""
+  from tiny import copy_run  # pylint: disable=import-outside-toplevel
+  module, workdir = mlp_run
+  got = copy_run(workdir, tmp_path / "budget")
+  train_and_evaluate(config_for(module, **{
+      "stages": "bsq", "bsq.alpha": None, "bsq.target_bits": 6.0,
+      "bsq.default_alpha": 5.0, "bsq.budget_alpha_max": 100.0}), got)
+  records = [r for r in _records(got) if r["stage"] == "bsq"]
+  assert all("budget_alpha" in r for r in records)  # the controller steered
+  assert "budget_report" in records[-1]
+  assert records[-1]["average_bits"] < 8.0
+
+
+def _records(workdir):
+  import json  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
