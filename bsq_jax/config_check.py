@@ -10,7 +10,8 @@ from typing import Any, Mapping
 
 from bsq_jax import budget
 
-STAGES = ("pretrain", "convert", "bsq", "finetune", "scratch", "uniform")
+STAGES = ("pretrain", "convert", "bsq", "finetune", "scratch", "uniform",
+          "hawq")
 SCHEDULES = ("pretrain", "bsq", "finetune")
 
 
@@ -45,7 +46,13 @@ def _number(config, path: str, kind=float, lo=None, hi=None, lo_open=False):
 
 def check(config: Mapping[str, Any]) -> None:
   """Raises ConfigError for the first value that cannot run."""
-  stages_of(config)
+  stages = stages_of(config)
+  if "hawq" in stages and "hawq" not in config:
+    raise ConfigError("config.hawq: missing (probes, batches); the hawq "
+                      "stage needs them (see configs/cifar_resnet20.py)")
+  if "hawq" in config:
+    _number(config, "hawq.probes", int, 1)
+    _number(config, "hawq.batches", int, 1)
   _number(config, "seed", int, 0)
   _number(config, "batch_size", int, 1)
   _number(config, "eval_batch_size", int, 1)

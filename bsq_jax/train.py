@@ -7,6 +7,9 @@
     scratch   the float model at BSQ's scheme, finetuned the same way
     uniform   the converted model (`convert.bits` in every layer), finetuned
               the same way: the uniform-precision baseline
+    hawq      the float model at HAWQ-V2-style precisions (Hessian traces,
+              an exact knapsack) of BSQ's size, finetuned the same way
+              (bsq_jax/hawq.py)
 
 Each stage checkpoints every epoch under `<workdir>/<stage>/` and finds its
 input in the previous stage's final checkpoint. A finished stage is skipped
@@ -18,22 +21,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from bsq_jax import budget
 from bsq_jax import config_check
+from bsq_jax import augment
 from bsq_jax import faults
+from bsq_jax import hawq as hawq_lib
 from bsq_jax import optim
 from bsq_jax import report
 from bsq_jax import scheme as sch
 from bsq_jax.checkpoint import (CheckpointError, ForeignCheckpoint, Result,
                                 StageCheckpoints, abstract_state)
 from bsq_jax.data import load_dataset
-from bsq_jax.data.stream import is_streamed, load_stream
+from bsq_jax.data.stream import Stream, is_streamed, load_stream
 from bsq_jax.epoch import AXIS, Trainer, check_batch, put_dataset
 from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model, init_variables, input_shape
@@ -43,7 +50,8 @@ from bsq_jax.step import TrainState
 
 # The stages each stage starts from.
 INPUTS = {"convert": ("pretrain",), "bsq": ("convert",), "finetune": ("bsq",),
-          "scratch": ("bsq", "pretrain"), "uniform": ("convert",)}
+          "scratch": ("bsq", "pretrain"), "uniform": ("convert",),
+          "hawq": ("bsq", "pretrain")}
 
 
 class Diverged(RuntimeError):
@@ -174,6 +182,11 @@ class Run:
       raise config_check.ConfigError(
           f"config.batch_size: {self.config.batch_size} is larger than the "
           f"{size} training images")
+    if ("hawq" in config_check.stages_of(self.config) and
+        self.config.hawq.batches * self.config.batch_size > size):
+      raise config_check.ConfigError(
+          f"config.hawq.batches: {self.config.hawq.batches} batches of "
+          f"{self.config.batch_size} exceed the {size} training images")
 
   # -- models and trainers ----------------------------------------------------
 
@@ -216,7 +229,9 @@ class Run:
   def train_stage(self, stage: str, mode: str, start: Result, sched,
                   alpha: float = 0.0, host_pass: bool = False,
                   budget_target=None) -> Result:
-    """Trains one stage from `start` (or its own last checkpoint)."""
+    """Trains one stage from `start` (or its own last checkpoint); `start`
+    may be a function that makes it, called only when there is nothing to
+    resume."""
     ck = StageCheckpoints(self.workdir, stage)
     result = ck.restore_latest(self._abstract_of_own)
     controller = None
@@ -233,6 +248,7 @@ class Run:
         controller = budget.BudgetController.from_state_dict(
             result.meta["budget"])
     else:
+      start = start() if callable(start) else start
       state, scheme, first = start.state, start.scheme, 0
       state = self._fresh_momentum(mode, scheme, state, sched)
       if budget_target:
@@ -460,11 +476,15 @@ class Run:
     return self.train_stage("bsq", "bsq", self.result_of("convert"), cfg,
                             alpha, host_pass=True, budget_target=target)
 
-  def _finetune_from(self, stage: str, params, batch_stats) -> Result:
+  def _finetune_start(self, stage: str, params, batch_stats) -> Result:
     ft_params, ft_scheme = sch.bsq_to_finetune(params)
-    start = Result(stage, 0, self._meta("finetune", ft_scheme, 0.0, False),
-                   TrainState(ft_params, batch_stats, ()))
-    return self.train_stage(stage, "finetune", start, self.config.finetune)
+    return Result(stage, 0, self._meta("finetune", ft_scheme, 0.0, False),
+                  TrainState(ft_params, batch_stats, ()))
+
+  def _finetune_from(self, stage: str, params, batch_stats) -> Result:
+    return self.train_stage(stage, "finetune",
+                            self._finetune_start(stage, params, batch_stats),
+                            self.config.finetune)
 
   def _finetune_result(self, stage: str, source: str) -> Result:
     src = self.result_of(source)
@@ -474,10 +494,14 @@ class Run:
   def finetune(self) -> Result:
     return self._finetune_result("finetune", "bsq")
 
+  def _bsq_target(self) -> Tuple[sch.Params, sch.Scheme]:
+    """The bsq stage's final params and scheme as finetune would hold them."""
+    return sch.bsq_to_finetune(jax.device_get(
+        self.result_of("bsq").state.params))
+
   def scratch(self) -> Result:
     """The float model at the scheme BSQ found (finetune's), finetuned alike."""
-    target = sch.bsq_to_finetune(jax.device_get(
-        self.result_of("bsq").state.params))[1]
+    target = self._bsq_target()[1]
     source = self.result_of("pretrain")
     params = sch.float_to_bsq(jax.device_get(source.state.params), target)
     return self._finetune_from("scratch", params,
@@ -486,6 +510,68 @@ class Run:
   def uniform(self) -> Result:
     """The uniform baseline: convert's `convert.bits` everywhere, finetuned."""
     return self._finetune_result("uniform", "convert")
+
+  def hawq(self) -> Result:
+    """The float model at HAWQ-V2-style precisions of BSQ's total bits
+    (bsq_jax/hawq.py), converted and finetuned as `scratch` is. The traces
+    are computed only when the stage has no checkpoint to resume from."""
+    def start():
+      params, batch_stats = self._hawq_converted()
+      return self._finetune_start("hawq", params, batch_stats)
+    return self.train_stage("hawq", "finetune", start, self.config.finetune)
+
+  def _hawq_converted(self):
+    """(float params converted to the HAWQ scheme, batch stats); logs the
+    traces and the scheme and records them as the stage's epoch 0."""
+    cfg, began = self.config, time.time()
+    budget_bits = sch.account(*self._bsq_target()).total_bits
+    source = self.result_of("pretrain")
+    params = jax.device_get(source.state.params)
+    batch_stats = jax.device_get(source.state.batch_stats)
+    names = self.model("float").quantized_names(self.sample)
+    traces = hawq_lib.model_traces(self.model("float"), params, batch_stats,
+                                   names, self._hessian_batches(),
+                                   cfg.hawq.probes, cfg.seed)
+    if jax.process_count() > 1:  # streamed batches differ per process
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      gathered = multihost_utils.process_allgather(
+          np.asarray([traces[n] for n in names]))
+      traces = dict(zip(names, np.mean(gathered, axis=0).tolist()))
+    weights = hawq_lib.split(params, names)
+    alloc = hawq_lib.hawq_allocation(traces, weights, budget_bits,
+                                     cfg.bsq.max_bits)
+    acc = sch.Accounting(bits=alloc.scheme,
+                         sizes={n: int(np.size(w)) for n, w in weights.items()})
+    logging.info("hawq average Hessian traces (%d batches x %d probes): %s",
+                 cfg.hawq.batches, cfg.hawq.probes,
+                 " ".join(f"{k.removesuffix('/kernel')}={v:.3g}"
+                          for k, v in alloc.traces.items()))
+    logging.info("hawq scheme: %d of BSQ's %d bits, %.3f average bits | %s",
+                 alloc.total_bits, budget_bits, acc.average_bits,
+                 report.precision_line(alloc.scheme))
+    self.metrics.forget_after("hawq", -1)  # a start that died unsaved
+    self._log_epoch(dict(stage="hawq", epoch=0, average_bits=acc.average_bits,
+                         compression=acc.compression, bits=acc.bits,
+                         **alloc.record(),
+                         hawq_seconds=time.time() - began))
+    return sch.float_to_bsq(params, alloc.scheme), batch_stats
+
+  def _hessian_batches(self):
+    """`hawq.batches` training batches of `batch_size` as (images, labels)
+    on the host, not augmented: a fixed draw from the seed (a stream's first
+    batches of epoch 0, as it gives them)."""
+    count, size = self.config.hawq.batches, self.config.batch_size
+    if isinstance(self.train, Stream):
+      return [(b["images"], b["labels"])
+              for b, _ in zip(self.train.train(0), range(count))]
+    ids = np.random.default_rng(self.config.seed).permutation(
+        self.train.size)[:count * size]
+    images = self.train.images.addressable_data(0)[ids]  # one device's copy
+    images = np.asarray(augment.normalize(images, self.train.mean,
+                                          self.train.std))
+    labels = np.asarray(self.train.labels.addressable_data(0)[ids])
+    return [(images[i * size:(i + 1) * size], labels[i * size:(i + 1) * size])
+            for i in range(count)]
 
   def run(self) -> str:
     for stage in config_check.stages_of(self.config):

@@ -70,5 +70,9 @@ def get_config():
   c.bsq.budget_alpha_min = 1e-4 # budget mode: alpha stays in [min, max]
   c.bsq.budget_alpha_max = 0.1  # (short schedules need larger alphas)
 
-  c.finetune = schedule(300, 0.01, (150, 250))  # also the scratch schedule
+  c.finetune = schedule(300, 0.01, (150, 250))  # also the scratch, uniform and hawq schedule
+
+  c.hawq = ml_collections.ConfigDict()  # the HAWQ-V2-style baseline (bsq_jax/hawq.py)
+  c.hawq.probes = 8             # Rademacher probes per batch (Hutchinson trace)
+  c.hawq.batches = 4            # training batches of batch_size for the traces
   return c
