@@ -47,7 +47,7 @@ def full_hessian(w, const, batch):
   """The Hessian in all of w's entries as one matrix, and each tensor's
   index range in it (names in sorted order)."""
   names = sorted(w)
-  h = jax.hessian(lambda u: mlp_loss(u, const, batch))(w)
+  h = jax.jit(jax.hessian(lambda u: mlp_loss(u, const, batch)))(w)
   sizes = [int(np.size(w[n])) for n in names]
   rows = [np.concatenate([np.asarray(h[a][b]).reshape(sa, sb)
                           for b, sb in zip(names, sizes)], axis=1)
@@ -68,8 +68,8 @@ def test_every_sign_vector_averages_to_the_exact_block_traces():
                      np.float32)
   vs = {n: jnp.asarray(signs[:, blocks[n]]).reshape((-1,) + SHAPES[n])
         for n in names}
-  got = jax.vmap(lambda v: hawq.block_products(
-      lambda u: mlp_loss(u, const, batch), w, v))(vs)
+  got = jax.jit(jax.vmap(lambda v: hawq.block_products(
+      lambda u: mlp_loss(u, const, batch), w, v)))(vs)
   for n in names:
     exact = np.trace(hess[blocks[n], blocks[n]])
     np.testing.assert_allclose(np.mean(np.asarray(got[n], np.float64)), exact,
@@ -289,3 +289,23 @@ def test_more_hessian_batches_than_data_is_refused(tmp_path):
     Run(tiny_config(stages="pretrain,hawq", **{"hawq.batches": 5}),
         str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("data", ["synthetic", "synthetic_stream"])
+def test_hessian_batches_are_fixed_and_unaugmented(tmp_path, data):
+  """`hawq.batches` batches of `batch_size`, the same on every call: from
+  the data on the devices (normalized, not augmented) or from a stream."""
+  config = tiny_config(stages="pretrain", **{"hawq.batches": 3})
+  config.data.name = data
+  run = Run(config, str(tmp_path))
+  batches = run._hessian_batches()
+  assert len(batches) == 3
+  for (images, labels), (again, _) in zip(batches, run._hessian_batches()):
+    assert images.shape == (64, 32, 32, 3) and images.dtype == np.float32
+    assert labels.shape == (64,)
+    np.testing.assert_array_equal(images, again)
+  if data == "synthetic":  # the seed's draw of distinct training images
+    ids = np.random.default_rng(config.seed).permutation(run.train.size)[:64]
+    raw = np.asarray(run.train.images.addressable_data(0))[ids]
+    np.testing.assert_allclose(batches[0][0], (raw / 255.0 - run.train.mean) /
+                               run.train.std, rtol=1e-5, atol=1e-5)
