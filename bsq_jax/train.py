@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from bsq_jax import augment
 from bsq_jax import budget
 from bsq_jax import config_check
-from bsq_jax import augment
 from bsq_jax import faults
 from bsq_jax import hawq as hawq_lib
 from bsq_jax import optim
