@@ -18,6 +18,12 @@ def test_config_is_valid(name):
   config_check.check(config)
   if config.model.name == "cifar_resnet":
     assert config.model.depth in (8, 20, 32, 44, 56, 110)
+  elif config.model.name == "flax":  # a plain Flax model, by import path
+    from bsq_jax.models import build_model, input_shape  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    model = build_model(config.model.to_dict())
+    assert model.quantized_names(
+        jnp.zeros((1,) + input_shape(config.model.to_dict())))
   else:  # ImageNet: the paper's alphas, 4-bit activations, batch 256
     assert config.bsq.default_alpha == {"resnet50": 5e-3,
                                         "inception_v3": 2e-2}[config.model.name]
