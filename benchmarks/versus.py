@@ -86,11 +86,16 @@ def report(args, commits: dict, results: dict, busy) -> str:
       f"`speed.py --child` (preset {args.preset}).", ""]
   if busy:
     lines += [f"Other busy processes at the start: {busy}.", ""]
-  lines += ["| mode | this tree (ms) | base (ms) | this / base |",
-            "|---|---|---|---|"]
+  # Children i of the two sides ran next to each other (ABBA order), so
+  # their ratio cancels most of the machine's drift.
+  paired = {m: statistics.median(a["step_s"][m] / b["step_s"][m] for a, b
+                                 in zip(results[head], results[base]))
+            for m in MODES}
+  lines += ["| mode | this tree (ms) | base (ms) | ratio of medians | "
+            "median of paired ratios |", "|---|---|---|---|---|"]
   for m in MODES:
     lines.append(f"| {m} | {med[head][m] * 1e3:.1f} | {med[base][m] * 1e3:.1f}"
-                 f" | {med[head][m] / med[base][m]:.3f} |")
+                 f" | {med[head][m] / med[base][m]:.3f} | {paired[m]:.3f} |")
   lines += ["", "Every child (ms per step, float / bsq):", ""]
   for n, rs in results.items():
     lines.append(f"- {n}: " + "; ".join(

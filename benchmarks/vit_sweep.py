@@ -57,9 +57,9 @@ PRESETS = {
     # model to 1.3 bits and chance accuracy in one epoch.
     "cpu": Preset(train_subset=24000, pretrain=(8, (6,)), bsq=(6, (5,)),
                   finetune=(3, (2,)), requant_interval=1,
-                  alphas=(0.1, 0.2, 0.4, 0.7)),
+                  alphas=(0.1, 0.2, 0.4, 0.7, 1.2, 2.0)),
     # A tiny run of every step, for the tests.
-    "tiny": Preset(train_subset=256, pretrain=(1, ()), bsq=(2, ()),
+    "tiny": Preset(train_subset=256, pretrain=(1, ()), bsq=(1, ()),
                    finetune=(1, ()), requant_interval=1, alphas=(5.0, 50.0)),
 }
 
@@ -83,13 +83,14 @@ def config_for(p: Preset, stages: str, alpha: float = 0.0, **changes):
 
 
 def run_all(p: Preset, workdir: str, **changes) -> Dict[str, float]:
-  """Runs (or resumes) the base and every alpha; seconds per run."""
+  """Runs (or resumes) the base and every alpha; seconds per run, added up
+  over resumptions in <workdir>/times.json."""
   from absl import logging  # pylint: disable=import-outside-toplevel
   from bsq_jax import report  # pylint: disable=import-outside-toplevel
   from bsq_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.INFO)
   report.quiet_libraries()
-  times = {}
+  times = read_times(workdir)
   runs = [("base", "pretrain,convert", 0.0)] + [
       (f"alpha_{a:g}", "bsq,finetune", a) for a in p.alphas]
   for name, stages, alpha in runs:
@@ -99,14 +100,25 @@ def run_all(p: Preset, workdir: str, **changes) -> Dict[str, float]:
     print(f"vit sweep: {name} ({stages})", flush=True)
     t0 = time.time()
     train_and_evaluate(config_for(p, stages, alpha, **changes), dst)
-    times[name] = time.time() - t0
+    times[name] = times.get(name, 0.0) + time.time() - t0
+    with open(os.path.join(workdir, "times.json"), "w") as f:
+      json.dump(times, f, indent=1)
   return times
+
+
+def read_times(workdir: str) -> Dict[str, float]:
+  path = os.path.join(workdir, "times.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def collect(p: Preset, workdir: str) -> dict:
   base = records(workdir, "base")
   out = {"float": last(base, "pretrain")["test_accuracy"],
-         "convert8": last(base, "convert")["test_accuracy"], "alphas": []}
+         "convert8": last(base, "convert")["test_accuracy"], "alphas": [],
+         "sizes": sizes(workdir)}
   for a in p.alphas:
     recs = records(workdir, f"alpha_{a:g}")
     bsq, ft = last(recs, "bsq"), last(recs, "finetune")
@@ -115,8 +127,17 @@ def collect(p: Preset, workdir: str) -> dict:
                           "bsq_acc": bsq["test_accuracy"],
                           "ft_acc": ft["test_accuracy"],
                           "ft_bits": ft["average_bits"],
-                          "layers": bsq["bits"]})
+                          "layers": bsq["bits"], "ft_layers": ft["bits"]})
   return out
+
+
+def sizes(workdir: str) -> Dict[str, int]:
+  """Weights per quantized tensor, from the 8-bit conversion's checkpoint."""
+  from bsq_jax import scheme as sch  # pylint: disable=import-outside-toplevel
+  from bsq_jax.checkpoint import load_result  # pylint: disable=import-outside-toplevel
+  found = sch.sizes_of(load_result(os.path.join(workdir, "base"),
+                                   "convert").state.params)
+  return {k: found[k] for k in layer_order(found)}
 
 
 def blocks(layers: Dict[str, int]) -> List[int]:
@@ -158,7 +179,20 @@ def report_text(p: Preset, data: dict, command: str, times, plot) -> str:
     lines.append(f"| {r['alpha']:g} | {r['bits']:.2f} | {r['compression']:.2f}x"
                  f" | {r['bsq_acc']:.4f} | {r['ft_acc']:.4f} | "
                  f"{r['ft_bits']:.2f} |")
-  lines += ["", "## Precision of every quantized tensor", ""]
+  zeroed = [(r["alpha"], sum(1 for k, n in r["ft_layers"].items()
+                              if n == 0 and r["layers"][k] == 1))
+            for r in data["alphas"]]
+  for alpha, count in zeroed:
+    if count:
+      lines += ["", f"alpha {alpha:g}: {count} of "
+                f"{len(data['alphas'][0]['layers'])} tensors ended BSQ at 1 "
+                f"bit with all planes zero, so finetuning holds them at 0 "
+                f"bits (spec section 10, step 5): hence its lower bits."]
+  lines += ["", "Sizes (weights per tensor): " + ", ".join(
+      f"{k.removesuffix('/kernel')} {v}" for k, v in data["sizes"].items()
+      if not k.startswith("block") or k.startswith("block0/")) + "; every "
+      "block alike. The penalty weighs a tensor by its size times its bits "
+      "(spec section 4).", "", "## Precision of every quantized tensor", ""]
   for r in data["alphas"]:
     layers = r["layers"]
     lines += [f"alpha {r['alpha']:g} ({r['bits']:.2f} average bits); "
@@ -194,9 +228,10 @@ def plot_layers(data: dict, path: str) -> None:
            width, label=f"alpha {r['alpha']:g} ({r['bits']:.2f} bits)")
   ax.set_xticks(x, labels, rotation=75, fontsize=7)
   ax.set_ylabel("precision (bits)")
-  ax.set_ylim(0, 8.5)
+  ax.set_ylim(0, 10)
+  ax.set_yticks(range(9))
   ax.set_title("ViT on Fashion-MNIST: precision per layer after BSQ")
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, ncol=min(n, 6), loc="upper center")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -219,7 +254,8 @@ def main() -> None:
     key, _, value = item[6:].partition("=")
     changes[key] = json.loads(value)
   p = PRESETS[args.preset]
-  times = {} if args.report_only else run_all(p, args.workdir, **changes)
+  times = (read_times(args.workdir) if args.report_only
+           else run_all(p, args.workdir, **changes))
   data = collect(p, args.workdir)
   stem = os.path.splitext(args.out)[0]
   os.makedirs(stem, exist_ok=True)

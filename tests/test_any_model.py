@@ -24,7 +24,7 @@ from bsq_jax.models.any_flax import model_config
 from bsq_jax.quantize import QuantizedModel
 from bsq_jax.rules import ActRule, RuleError, Rules, WeightRule
 from bsq_jax.train import train_and_evaluate
-from tiny import tiny_config
+from tiny import copy_run, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X = jnp.zeros((2, 32, 32, 3))
@@ -210,9 +210,10 @@ def test_export_and_load_give_bit_identical_logits(plain_run, tmp_path):
 
 def test_kill_and_resume_gives_the_same_parameters(cnn_run, tmp_path):
   """A model of this test file through main.py: killed right after a host
-  pass that changed the precision, resumed, equal to the uninterrupted run."""
+  pass that changed the precision, resumed, equal to the uninterrupted run
+  (both start from the fixture's pretrain and convert)."""
   module, workdir = cnn_run
-  got = str(tmp_path / "got")
+  got = copy_run(workdir, tmp_path / "got")
   cmd = [sys.executable, os.path.join(ROOT, "main.py"),
          "--config=" + os.path.join(ROOT, "tests", "plain_config.py") + ":"
          + type(module).__name__, f"--workdir={got}"]
@@ -290,11 +291,14 @@ def test_smoke_vit_runs_every_stage_through_main(tmp_path):
   bsq = load_result(workdir, "bsq")
   assert "block0/attn/query/kernel" in bsq.scheme
   assert min(bsq.scheme.values()) < 8
+  from bsq_jax import inspect_model  # pylint: disable=import-outside-toplevel
+  report = inspect_model.inspect_run(workdir)
+  pngs = inspect_model.write_plots(report, str(tmp_path / "plots"))
+  assert all(os.path.getsize(p) > 1000 for p in pngs)
 
 
 def test_budget_mode_on_a_plain_model(mlp_run, tmp_path):
   """Budget mode steers a plain model's alpha and reports the target."""
-  from tiny import copy_run  # pylint: disable=import-outside-toplevel
   module, workdir = mlp_run
   got = copy_run(workdir, tmp_path / "budget")
   train_and_evaluate(config_for(module, **{

@@ -25,7 +25,7 @@ def test_tiny_sweep_reports_every_tensor(tmp_path):
   p = vit_sweep.PRESETS["tiny"]
   changes = {"data.fashion_mnist_dir": folder, "batch_size": 64,
              "eval_batch_size": 64, "xla_fast_compile": True,
-             "model.kwargs.dim": 16, "model.kwargs.depth": 2,
+             "model.kwargs.dim": 8, "model.kwargs.depth": 2,
              "model.kwargs.heads": 2, "model.kwargs.mlp_dim": 32}
   workdir = str(tmp_path / "runs")
   times = vit_sweep.run_all(p, workdir, **changes)
@@ -37,7 +37,7 @@ def test_tiny_sweep_reports_every_tensor(tmp_path):
   assert order[1:7] == [f"block0/{path}/kernel" for _, path in vit_sweep.KINDS]
   assert len(order) == 2 + 2 * 6
   # The larger alpha ends with no more bits than the smaller one, here
-  # where alpha 50 is enough to crush every layer in two epochs.
+  # where alpha 50 is enough to crush every layer in one epoch.
   assert data["alphas"][1]["bits"] <= data["alphas"][0]["bits"]
   text = vit_sweep.report_text(p, data, "python benchmarks/vit_sweep.py",
                                times, "plot.png")
