@@ -11,8 +11,8 @@ order; the first rule that matches decides, as qwix's rules do.
 - An `ActRule` matches a module path ("layer1_0/act1") and quantizes that
   module's output to `bits` bits (spec section 7).
 
-`Rules()` is the default: every kernel of a conv or dense layer, no bias, no
-activation. `Rules(bias=True)` adds the bias of every layer whose kernel is
+`Rules()` is the default: every kernel of a conv or dense layer (a kernel
+of another kind of layer is left in float), no bias, no activation. `Rules(bias=True)` adds the bias of every layer whose kernel is
 quantized, as its own tensor with its own precision (the paper's way).
 """
 
@@ -77,7 +77,10 @@ class ActRule:
                       f"'relu' or 'none', got {self.clip!r}")
 
 
-DEFAULT_WEIGHTS = (WeightRule(r"(.*/)?kernel"),)
+# The default: every kernel of a LINEAR_LAYERS layer (a kernel of any other
+# layer is skipped, where a user's rule that picks it is an error).
+DEFAULT_KERNELS = WeightRule(r"(.*/)?kernel")
+DEFAULT_WEIGHTS = (DEFAULT_KERNELS,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +115,12 @@ class Rules:
       if rule is None:
         continue
       used.add(rule)
-      if rule.quantize:
-        _check_quantizable(rule, path, value, owners)
-        chosen.append(path)
+      if not rule.quantize:
+        continue
+      if rule is DEFAULT_KERNELS and not _quantizable(path, value, owners):
+        continue  # the default skips what it cannot take; a rule says so
+      _check_quantizable(rule, path, value, owners)
+      chosen.append(path)
     if self.bias:
       kernels = {p.rsplit("/", 1)[0] for p in chosen if p.endswith("kernel")}
       chosen += [p for p in params if p.endswith("/bias") and
@@ -158,6 +164,14 @@ class Rules:
   def has_pact(self) -> bool:
     """Whether some activation has a learnable PACT clip (bits <= 3)."""
     return any(r.clip == "relu" and r.bits <= 3 for r in self.acts)
+
+
+def _quantizable(path: str, value, owners: Mapping[str, type]) -> bool:
+  module, _, name = path.rpartition("/")
+  owner = owners.get(module)
+  return (np.issubdtype(np.dtype(value.dtype), np.floating) and
+          owner is not None and issubclass(owner, LINEAR_LAYERS) and
+          name in QUANTIZABLE_PARAMS)
 
 
 def _check_quantizable(rule: WeightRule, path: str, value,

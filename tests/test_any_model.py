@@ -75,6 +75,19 @@ class WithCounter(nn.Module):
     return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
+class WithOwnLayer(nn.Module):
+  """A model with a layer of its own whose weight is also called kernel."""
+
+  class Scale(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x * self.param("kernel", nn.initializers.ones, (x.shape[-1],))
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(10)(self.Scale()(x.reshape((x.shape[0], -1))))
+
+
 def names(model, rules):
   return QuantizedModel(model, rules).quantized_names(X)
 
@@ -91,6 +104,13 @@ def test_defaults_quantize_every_kernel_and_nothing_else():
   # LayerNorm's scale and bias stay float, with the bias option too.
   assert names(PlainMLP(), Rules(bias=True)) == (
       "Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel")
+
+
+def test_default_leaves_a_kernel_it_cannot_take_and_a_rule_cannot():
+  assert names(WithOwnLayer(), Rules()) == ("Dense_0/kernel",)
+  with pytest.raises(RuleError, match="Scale_0/kernel, a parameter of a "
+                     "Scale layer"):
+    names(WithOwnLayer(), Rules((WeightRule(".*kernel"),)))
 
 
 def test_first_matching_rule_wins():
