@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 # pylint: disable=wrong-import-position
 from machine import busy_processes, machine  # noqa: E402
+from speed import run_child  # noqa: E402
 
 MODES = ("float", "bsq")
 
@@ -45,15 +46,9 @@ def unpack(rev: str, folder: str) -> str:
 
 def child(tree: str, preset: str) -> dict:
   """One speed.py child of `tree`: {"step_s": {mode: s}, ...} or an error."""
-  proc = subprocess.run(
-      [sys.executable, os.path.join(tree, "benchmarks", "speed.py"),
-       "--child", json.dumps({"preset": preset})],
-      cwd=tree, capture_output=True, text=True, check=False)
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[7:])
-  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-  return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+  return run_child([sys.executable, os.path.join(tree, "benchmarks",
+                                                 "speed.py"),
+                    "--child", json.dumps({"preset": preset})], "")
 
 
 def measure(sides: dict, reps: int, preset: str, log=print) -> dict:

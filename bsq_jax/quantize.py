@@ -79,17 +79,15 @@ class QuantizedModel:
   def layout(self, *args, **kwargs) -> Layout:
     """The float model's params and module classes, traced, not computed."""
     owners: Dict[str, type] = {}
-    def init():
-      with nn.intercept_methods(self._interceptor(False, owners)):
-        return self.model.init(jax.random.key(0), *args,
-                               **self._call_kwargs(False, kwargs))
-    shapes = jax.eval_shape(init)
-    owners.update(_nnx_owners(self.model))
+    shapes = jax.eval_shape(lambda: self._float_init(
+        jax.random.key(0), args, kwargs, False, owners))
     return Layout(dict(sch.walk(shapes.get("params", {}))), owners)
 
   def quantized_names(self, *args, **kwargs) -> Tuple[str, ...]:
     """Paths of the parameters the rules quantize (RuleError if none)."""
-    layout = self.layout(*args, **kwargs)
+    return self._select(self.layout(*args, **kwargs))
+
+  def _select(self, layout: Layout) -> Tuple[str, ...]:
     self.rules.check_acts(layout.owners)
     return self.rules.select(layout.params, layout.owners)
 
@@ -97,10 +95,12 @@ class QuantizedModel:
 
   def init(self, rngs, *args, train: bool = False, **kwargs):
     """The model's variables, the selected params in `quant.mode`'s form."""
-    names = set(self.quantized_names(*args, **kwargs))
-    with nn.intercept_methods(self._interceptor(False)):
-      variables = dict(self.model.init(rngs, *args,
-                                       **self._call_kwargs(train, kwargs)))
+    owners: Dict[str, type] = {}
+    variables = self._float_init(rngs, args, kwargs, train, owners)
+    # The rules are applied to this very init (its params and the modules
+    # it met), so an init traces the model once.
+    names = set(self._select(Layout(dict(sch.walk(variables["params"])),
+                                    owners)))
     variables.setdefault("batch_stats", {})
     if self.quant.mode != "float":
       variables["params"] = sch.map_nodes(
@@ -125,6 +125,15 @@ class QuantizedModel:
     if "batch_stats" in (mutable if not isinstance(mutable, bool) else ()):
       updates.setdefault("batch_stats", {})
     return out, updates
+
+  def _float_init(self, rngs, args, kwargs, train: bool,
+                  owners: Dict[str, type]) -> Dict[str, Any]:
+    """The model's own init; fills `owners` with the modules it met."""
+    with nn.intercept_methods(self._interceptor(False, owners)):
+      variables = dict(self.model.init(rngs, *args,
+                                       **self._call_kwargs(train, kwargs)))
+    owners.update(_nnx_owners(self.model))
+    return variables
 
   # -- the stored form --------------------------------------------------------
 

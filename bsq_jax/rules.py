@@ -25,6 +25,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import flax.linen as nn
 import numpy as np
 
+from bsq_jax.layers import ReLU
+
 # The layers whose kernel (and bias) can be held as bit planes.
 LINEAR_LAYERS = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral,
                  nn.Einsum)
@@ -117,9 +119,12 @@ class Rules:
       used.add(rule)
       if not rule.quantize:
         continue
-      if rule is DEFAULT_KERNELS and not _quantizable(path, value, owners):
+      why_not = _not_quantizable(path, value, owners)
+      if why_not and rule is DEFAULT_KERNELS:
         continue  # the default skips what it cannot take; a rule says so
-      _check_quantizable(rule, path, value, owners)
+      if why_not:
+        raise RuleError(f"weight rule {rule.pattern!r} matches {path}"
+                        f"{why_not}")
       chosen.append(path)
     if self.bias:
       kernels = {p.rsplit("/", 1)[0] for p in chosen if p.endswith("kernel")}
@@ -146,7 +151,6 @@ class Rules:
   def check_acts(self, owners: Mapping[str, type]) -> None:
     """Every activation rule must match a module, and a "relu" rule only
     ReLU modules."""
-    from bsq_jax.layers import ReLU  # pylint: disable=import-outside-toplevel
     for rule in self.acts:
       matched = [m for m in owners if re.fullmatch(rule.pattern, m)]
       if not matched:
@@ -166,30 +170,23 @@ class Rules:
     return any(r.clip == "relu" and r.bits <= 3 for r in self.acts)
 
 
-def _quantizable(path: str, value, owners: Mapping[str, type]) -> bool:
+def _not_quantizable(path: str, value, owners: Mapping[str, type]
+                     ) -> Optional[str]:
+  """Why the parameter at `path` cannot be quantized (the end of a message
+  that names it), or None."""
   module, _, name = path.rpartition("/")
   owner = owners.get(module)
-  return (np.issubdtype(np.dtype(value.dtype), np.floating) and
-          owner is not None and issubclass(owner, LINEAR_LAYERS) and
-          name in QUANTIZABLE_PARAMS)
-
-
-def _check_quantizable(rule: WeightRule, path: str, value,
-                       owners: Mapping[str, type]) -> None:
-  module, _, name = path.rpartition("/")
-  owner = owners.get(module)
-  where = f"weight rule {rule.pattern!r} matches {path}"
   if not np.issubdtype(np.dtype(value.dtype), np.floating):
-    raise RuleError(f"{where}, a {np.dtype(value.dtype)} array; only float "
-                    f"parameters can be quantized")
+    return (f", a {np.dtype(value.dtype)} array; only float parameters can "
+            f"be quantized")
   if owner is None or not issubclass(owner, LINEAR_LAYERS):
     kind = owner.__name__ if owner is not None else "unknown"
-    raise RuleError(f"{where}, a parameter of a {kind} layer; only the "
-                    f"kernel and bias of {', '.join(c.__name__ for c in LINEAR_LAYERS)}"
-                    f" layers can be quantized")
+    return (f", a parameter of a {kind} layer; only the kernel and bias of "
+            f"{', '.join(c.__name__ for c in LINEAR_LAYERS)} layers can be "
+            f"quantized")
   if name not in QUANTIZABLE_PARAMS:
-    raise RuleError(f"{where}; only a layer's kernel and bias can be "
-                    f"quantized")
+    return "; only a layer's kernel and bias can be quantized"
+  return None
 
 
 def _some(names: Sequence[str], limit: int = 6) -> str:

@@ -528,8 +528,9 @@ class Run:
     source = self.result_of("pretrain")
     params = jax.device_get(source.state.params)
     batch_stats = jax.device_get(source.state.batch_stats)
-    names = self.model("float").quantized_names(self.sample)
-    traces = hawq_lib.model_traces(self.model("float"), params, batch_stats,
+    model = self.model("float")
+    names = model.quantized_names(self.sample)
+    traces = hawq_lib.model_traces(model, params, batch_stats,
                                    names, self._hessian_batches(),
                                    cfg.hawq.probes, cfg.seed)
     if jax.process_count() > 1:  # streamed batches differ per process

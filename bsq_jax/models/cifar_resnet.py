@@ -14,7 +14,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bsq_jax.models.common import ReLU, batch_norm, conv, resnet_rules
+from bsq_jax.layers import ReLU
+from bsq_jax.models.common import batch_norm, conv, resnet_rules
 from bsq_jax.rules import Rules
 
 

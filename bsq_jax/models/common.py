@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from bsq_jax.layers import ReLU  # pylint: disable=unused-import
 from bsq_jax.rules import ActRule, Rules, WeightRule
 
 

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bsq_jax.layers import Quant, check_act_bits
-from bsq_jax.models.common import ReLU, batch_norm, conv, resnet_rules
+from bsq_jax.layers import Quant, ReLU, check_act_bits
+from bsq_jax.models.common import batch_norm, conv, resnet_rules
 from bsq_jax.quantize import QuantizedModel
 from bsq_jax.rules import Rules
 

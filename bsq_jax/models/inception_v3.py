@@ -40,8 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bsq_jax.layers import Quant, check_act_bits
-from bsq_jax.models.common import ReLU
+from bsq_jax.layers import Quant, ReLU, check_act_bits
 from bsq_jax.quantize import QuantizedModel
 from bsq_jax.rules import ActRule, Rules
 
