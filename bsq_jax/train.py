@@ -530,14 +530,7 @@ class Run:
     batch_stats = jax.device_get(source.state.batch_stats)
     model = self.model("float")
     names = model.quantized_names(self.sample)
-    traces = hawq_lib.model_traces(model, params, batch_stats,
-                                   names, self._hessian_batches(),
-                                   cfg.hawq.probes, cfg.seed)
-    if jax.process_count() > 1:  # streamed batches differ per process
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      gathered = multihost_utils.process_allgather(
-          np.asarray([traces[n] for n in names]))
-      traces = dict(zip(names, np.mean(gathered, axis=0).tolist()))
+    traces = self._hawq_traces(model, params, batch_stats, names)
     weights = hawq_lib.split(params, names)
     alloc = hawq_lib.hawq_allocation(traces, weights, budget_bits,
                                      cfg.bsq.max_bits)
@@ -556,6 +549,33 @@ class Run:
                          **alloc.record(),
                          hawq_seconds=time.time() - began))
     return sch.float_to_bsq(params, alloc.scheme), batch_stats
+
+  def _hawq_traces(self, model, params, batch_stats, names):
+    """Step 1 of bsq_jax/hawq.py, or its result from `hawq_traces.json`
+    where the key matches (the same float model, batches and probes)."""
+    cfg = self.config
+    cache = hawq_lib.TraceCache(
+        os.path.join(self.workdir, hawq_lib.TraceCache.FILE),
+        {"float_model": hawq_lib.fingerprint(params, batch_stats),
+         "tensors": sorted(names), "probes": cfg.hawq.probes,
+         "batches": cfg.hawq.batches, "batch_size": cfg.batch_size,
+         "seed": cfg.seed, "processes": jax.process_count()})
+    traces = cache.load()
+    if traces is not None:
+      logging.info("hawq: Hessian traces from %s (same float model, batches "
+                   "and probes)", cache.path)
+      return traces
+    traces = hawq_lib.model_traces(model, params, batch_stats,
+                                   names, self._hessian_batches(),
+                                   cfg.hawq.probes, cfg.seed)
+    if jax.process_count() > 1:  # streamed batches differ per process
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      gathered = multihost_utils.process_allgather(
+          np.asarray([traces[n] for n in names]))
+      traces = dict(zip(names, np.mean(gathered, axis=0).tolist()))
+    if report.is_writer():
+      cache.save(traces)
+    return traces
 
   def _hessian_batches(self):
     """`hawq.batches` training batches of `batch_size` as (images, labels)

@@ -5,6 +5,7 @@ pipeline stage on the tiny ResNet."""
 import itertools
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -254,6 +255,36 @@ def test_finished_hawq_stage_is_skipped(hawq_run):
   assert run.run() == table
   assert not run._trainers  # neither traces nor finetuning were redone
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+
+
+def test_traces_are_reused_only_under_the_same_key(hawq_run, tmp_path,
+                                                   monkeypatch):
+  workdir, _ = hawq_run
+  cached = os.path.join(workdir, hawq.TraceCache.FILE)
+  assert os.path.exists(cached)
+  # A second run on the same float model (a sweep's next alpha): the file
+  # copied beside it, no hawq stage yet.
+  other = str(tmp_path / "other")
+  shutil.copytree(workdir, other, ignore=shutil.ignore_patterns("hawq"))
+  with open(os.path.join(other, "metrics.jsonl")) as f:
+    kept = [l for l in f if json.loads(l)["stage"] != "hawq"]
+  with open(os.path.join(other, "metrics.jsonl"), "w") as f:
+    f.writelines(kept)
+  estimated = []
+  real = hawq.model_traces
+  monkeypatch.setattr(hawq, "model_traces",
+                      lambda *a, **k: estimated.append(1) or real(*a, **k))
+  train_and_evaluate(tiny_config(stages="hawq", **HAWQ), other)
+  assert not estimated
+  assert load_result(other, "hawq").scheme == load_result(workdir,
+                                                          "hawq").scheme
+  # More probes: another key, so the traces are estimated again.
+  shutil.rmtree(os.path.join(other, "hawq"))
+  train_and_evaluate(tiny_config(stages="hawq", **{**HAWQ, "hawq.probes": 3}),
+                     other)
+  assert estimated == [1]
+  with open(os.path.join(other, hawq.TraceCache.FILE)) as f:
+    assert json.load(f)["key"]["probes"] == 3
 
 
 def test_hawq_without_bsq_is_refused_before_writing(tmp_path):

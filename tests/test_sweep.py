@@ -28,16 +28,26 @@ def test_every_planned_config_passes_the_checks(name):
 def test_plan_shares_one_pretraining():
   runs = {r.name: r for r in sweep.plan(SMALL)}
   assert list(runs)[0] == "base" and runs["base"].copy_from is None
-  scratch = [n for n, r in runs.items() if "scratch" in r.stages]
-  assert scratch == ["alpha_1"]  # the middle alpha only
+  for a in SMALL.alphas:  # BSQ and both baselines at every alpha
+    assert runs[f"alpha_{a:g}"].stages == "bsq,finetune,scratch,hawq"
   mid = sweep.config_for(SMALL, runs["alpha_1"])
-  assert mid.eval_every == 1 and mid.bsq.alpha == 1.0
+  assert mid.eval_every == SMALL.requant_interval and mid.bsq.alpha == 1.0
   assert sweep.config_for(SMALL, runs["alpha_2"]).eval_every > SMALL.bsq[0]
   target = sweep.config_for(SMALL, runs["target_3"])
   assert target.bsq.alpha is None and target.bsq.target_bits == 3.0
   uniform = runs["uniform_2"]
   assert uniform.copy_stages == ("pretrain",)  # converts at its own bits
   assert sweep.config_for(SMALL, uniform).convert.bits == 2
+  assert sweep.config_for(SMALL, uniform, seed=3).seed == 3
+
+
+def test_uniform_runs_follow_the_measured_bits():
+  names = [r.name for r in sweep.plan(SMALL, [6.4, 2.5, 2.49, 0.3, 9.0])]
+  # SMALL's own 2 and 4, and the nearest whole precision of each, in 1..8.
+  assert [n for n in names if n.startswith("uniform_")] == [
+      "uniform_1", "uniform_2", "uniform_3", "uniform_4", "uniform_6",
+      "uniform_8"]
+  assert sweep.nearest_bits(2.5) == 3 and sweep.nearest_bits(2.49) == 2
 
 
 def test_scale_multiplies_every_epoch_count():
