@@ -47,7 +47,7 @@ def get_config():
   c.data.name = "cifar10"       # cifar10 | cifar100 | fashion_mnist | synthetic
   c.data.data_dir = ""          # tensorflow-datasets data dir ("" = default)
   c.data.manual_dir = ""        # folder with cifar-10-binary.tar.gz (offline)
-  c.data.download = False       # let tfds download CIFAR if it is missing
+  c.data.download = True        # let tfds download CIFAR if it is missing
   c.data.fashion_mnist_dir = "/usr/share/datasets/fashion-mnist"  # IDX files
   c.data.train_subset = 0       # 0 = all training images, else the first N
   c.data.augment = True         # random crop (4-pixel pad) and flip

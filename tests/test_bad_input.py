@@ -238,6 +238,67 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
   assert snapshot(workdir) == before  # nothing created, nothing changed
 
 
+CIFAR = os.path.join(ROOT, "configs", "cifar_resnet20.py")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+  """As if offline: every TCP connect fails at once; tfds's
+  download_and_prepare must not be called. Returns the calls made."""
+  import socket  # pylint: disable=import-outside-toplevel
+  from bsq_jax.data import cifar  # pylint: disable=import-outside-toplevel
+  _, tfds = cifar.import_tf()
+  calls = {"connect": [], "prepare": []}
+
+  def unreachable(address, *args, **kwargs):
+    calls["connect"].append(tuple(address))
+    raise OSError(101, "Network is unreachable (test)")
+
+  def prepare(self, *args, **kwargs):
+    calls["prepare"].append(self.name)
+    raise AssertionError("tfds download_and_prepare was called")
+
+  monkeypatch.setattr(socket, "create_connection", unreachable)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                      prepare)
+  return calls
+
+
+@pytest.mark.parametrize("download", [None, "False"])
+def test_cifar_missing_offline(download, tmp_path, capsys, monkeypatch,
+                               offline):
+  """The paper's config, CIFAR-10 neither prepared nor in manual_dir, no
+  network. data.download (default True): the probe fails, and the error
+  names the archive, the folder and the URL before tfds is asked to
+  download. --config.data.download=False: the same error as before the
+  default changed, without even the probe. Nothing written anywhere."""
+  tfds_dir, manual = tmp_path / "tfds", tmp_path / "manual"
+  args = [f"--config={CIFAR}", f"--config.data.data_dir={tfds_dir}",
+          f"--config.data.manual_dir={manual}"]
+  if download:
+    args.append(f"--config.data.download={download}")
+  workdir = str(tmp_path / "run")
+  code, err = run_main(args, workdir, capsys, monkeypatch)
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert code == 1 and len(lines) == 1, err[-2000:]
+  assert "Traceback" not in err
+  for part in ("data.manual_dir", f"not prepared in {tfds_dir}",
+               f"{manual / 'cifar-10-binary.tar.gz'} does not exist",
+               "download https://www.cs.toronto.edu/~kriz/"
+               "cifar-10-binary.tar.gz and put it there"):
+    assert part in lines[0], (part, lines[0])
+  if download is None:
+    assert "data.download cannot reach the network (www.cs.toronto.edu:443" \
+        in lines[0], lines[0]
+    assert offline["connect"] == [("www.cs.toronto.edu", 443)]
+  else:
+    assert "or set data.download=True" in lines[0], lines[0]
+    assert offline["connect"] == []
+  assert offline["prepare"] == []
+  assert not os.path.exists(workdir)
+  assert not tfds_dir.exists() and not manual.exists()
+
+
 def test_catalogue_is_at_least_twenty():
   assert len(CASES) >= 20
 

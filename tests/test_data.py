@@ -391,13 +391,37 @@ def tfds_checksums(tfds_mod):
 
 @pytest.fixture
 def no_network(monkeypatch, tfds_mod):
-  """Any tfds download attempt fails at once instead of touching the net."""
+  """No test touches the net: every TCP connect (the download probe's) fails
+  at once as if offline, and any tfds download or download_and_prepare
+  without an archive raises. Returns the calls, {"connect": [(host, port)],
+  "download": [url], "prepare": [manual_dir]}."""
+  import socket  # pylint: disable=import-outside-toplevel
   from tensorflow_datasets.core.download import download_manager  # pylint: disable=import-outside-toplevel
+  calls = {"connect": [], "download": [], "prepare": []}
+
+  def offline(address, *args, **kwargs):
+    calls["connect"].append(tuple(address))
+    raise OSError(101, "Network is unreachable (test)")
 
   def refuse(self, resource):
+    calls["download"].append(resource.url)
     raise AssertionError(f"tfds tried to download {resource.url}")
 
+  real_prepare = tfds_mod.core.DatasetBuilder.download_and_prepare
+
+  def prepare(self, *args, download_config=None, **kwargs):
+    manual = download_config.manual_dir if download_config else None
+    calls["prepare"].append(manual)
+    if manual is None:
+      raise AssertionError("tfds download_and_prepare without an archive")
+    return real_prepare(self, *args, download_config=download_config,
+                        **kwargs)
+
+  monkeypatch.setattr(socket, "create_connection", offline)
   monkeypatch.setattr(download_manager.DownloadManager, "_download", refuse)
+  monkeypatch.setattr(tfds_mod.core.DatasetBuilder, "download_and_prepare",
+                      prepare)
+  return calls
 
 
 def test_tfds_expects_the_url_basename_in_manual_dir(tfds_checksums):
@@ -416,23 +440,52 @@ def test_tfds_expects_the_url_basename_in_manual_dir(tfds_checksums):
 
 def test_cifar_missing_archive_fails_fast_with_the_file_to_fetch(
     tmp_path, no_network):
+  """download=False (explicit now that the default is True): no probe, no
+  tfds call, the error names the file, the folder and the URL."""
   t = time.perf_counter()
   with pytest.raises(DataError) as e:
     load_dataset({"name": "cifar10", "data_dir": str(tmp_path / "tfds"),
-                  "manual_dir": str(tmp_path / "manual")})
+                  "manual_dir": str(tmp_path / "manual"), "download": False})
   assert time.perf_counter() - t < 10
   one_line_error(e, "data.manual_dir", "CIFAR-10 is not prepared in",
                  str(tmp_path / "tfds"),
                  str(tmp_path / "manual" / "cifar-10-binary.tar.gz"),
                  "does not exist",
-                 "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz")
+                 "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+                 "set data.download=True")
   # Empty manual_dir: tfds's default <data_dir>/downloads/manual is named.
   with pytest.raises(DataError) as e:
     load_dataset({"name": "cifar100", "data_dir": str(tmp_path / "tfds"),
-                  "manual_dir": ""})
+                  "manual_dir": "", "download": False})
   one_line_error(e, str(tmp_path / "tfds" / "downloads" / "manual" /
                         "cifar-100-binary.tar.gz"), "cifar-100-binary.tar.gz")
-  assert not (tmp_path / "tfds" / "cifar10" / "3.0.2").exists()
+  assert no_network == {"connect": [], "download": [], "prepare": []}
+  assert not (tmp_path / "tfds").exists()
+
+
+@pytest.mark.parametrize("name, archive", [
+    ("cifar10", "cifar-10-binary.tar.gz"),
+    ("cifar100", "cifar-100-binary.tar.gz")])
+def test_cifar_download_by_default_offline_fails_before_tfds(
+    tmp_path, no_network, name, archive):
+  """download defaults to True; offline, the probe's failed connect ends the
+  load with the file to fetch, before tfds downloads (retrying for minutes)
+  and before anything is written to the data dir."""
+  with pytest.raises(DataError) as e:
+    load_dataset({"name": name, "data_dir": str(tmp_path / "tfds"),
+                  "manual_dir": str(tmp_path / "manual")})
+  url = data.cifar.SPECS[name].url
+  msg = one_line_error(e, "data.manual_dir", "is not prepared in",
+                       str(tmp_path / "tfds"),
+                       str(tmp_path / "manual" / archive), "does not exist",
+                       "data.download cannot reach the network",
+                       "www.cs.toronto.edu:443", "Network is unreachable",
+                       f"download {url} and put it there")
+  assert "set data.download=True" not in msg
+  assert no_network["connect"] == [("www.cs.toronto.edu", 443)]
+  assert no_network["download"] == [] and no_network["prepare"] == []
+  assert not (tmp_path / "tfds").exists()
+  assert not (tmp_path / "manual").exists()
 
 
 def test_cifar_archive_of_the_wrong_size(tmp_path, tfds_checksums,
@@ -480,8 +533,10 @@ def test_cifar_prepared_from_a_manual_archive(tmp_path, monkeypatch,
   register_fake(monkeypatch, tfds_checksums, name, str(manual / archive))
   cfg = {"name": name, "data_dir": str(tmp_path / "tfds"),
          "manual_dir": str(manual)}
-  ds = load_dataset(cfg)
+  ds = load_dataset(cfg)  # download left at its default, True
   assert (tmp_path / "tfds" / name / "3.0.2").is_dir()
+  # An archive in manual_dir: no probe, no download, as before the default.
+  assert no_network["connect"] == [] and no_network["download"] == []
   assert ds.name == name and ds.num_classes == (10 if name == "cifar10"
                                                 else 100)
   for split, images, labels in (("train", ds.train_images, ds.train_labels),

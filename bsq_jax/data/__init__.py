@@ -11,7 +11,8 @@ plain dict); every field is read with `cfg.get(field, default)`:
                        (cifar-10-binary.tar.gz / cifar-100-binary.tar.gz)
     download           CIFAR only: let tfds download from the internet when the
                        dataset is neither prepared nor in manual_dir (default
-                       False: fail at once with a message naming the file)
+                       True; offline, a 3 s probe of the host fails the load
+                       with a message naming the file; False: fail at once)
     fashion_mnist_dir  folder holding the four Fashion-MNIST IDX files
                        (default: the Debian package dataset-fashion-mnist's)
     train_subset       0: all training images; N > 0: the first N training
@@ -124,7 +125,7 @@ def load_dataset(cfg: Mapping[str, Any]) -> Dataset:
     from bsq_jax.data import cifar  # pylint: disable=import-outside-toplevel
     ds = cifar.load(name, data_dir=get(cfg, "data_dir", ""),
                     manual_dir=get(cfg, "manual_dir", ""),
-                    download=bool(get(cfg, "download", False)))
+                    download=bool(get(cfg, "download", True)))
   elif name == "fashion_mnist":
     from bsq_jax.data import fashion_mnist  # pylint: disable=import-outside-toplevel
     ds = fashion_mnist.load(

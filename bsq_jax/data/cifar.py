@@ -14,10 +14,13 @@ is the URL's basename:
 
 and verifies its size and sha256 against that file. When the dataset is not
 prepared in the data dir, this module checks for the archive itself before
-calling tfds, so a missing archive fails at once (no network attempt) with a
-message naming the file, the folder and the URL; set `data.download` to let
-tfds download instead. With `data.manual_dir` empty, tfds's default manual
-folder `<data_dir>/downloads/manual` is the one searched.
+calling tfds. Without it, and with `data.download` (the default), tfds
+downloads the archive, but only after the download host (or the https
+proxy) answers within a few seconds (data/probe.py): offline, tfds would
+retry for minutes. With no archive and no answer, or with `data.download` False,
+the load fails at once with one line naming the file, the folder and the
+URL. With `data.manual_dir` empty, tfds's default manual folder
+`<data_dir>/downloads/manual` is the one searched.
 
 Order: tfds stores examples in a hashed order; `load` sorts each split back by
 its `id` ("train_00000", ...), i.e. the order of the original binary files,
@@ -32,7 +35,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from bsq_jax.data import DataError, Dataset
+from bsq_jax.data import DataError, Dataset, probe, quiet
 
 
 class Spec(NamedTuple):
@@ -61,7 +64,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def import_tf():
-  """(tf, tfds), with TensorFlow kept off the GPUs."""
+  """(tf, tfds), with TensorFlow kept off the GPUs and quiet (data/quiet.py)."""
+  quiet.tensorflow_env()
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   try:
     tf.config.set_visible_devices([], "GPU")
@@ -103,6 +107,14 @@ def _prepare(builder, tfds, spec: Spec, manual_dir: str, download: bool):
         f"{archive} does not exist; download {spec.url} and put it there "
         f"(or set data.manual_dir to the folder holding {filename}, or set "
         "data.download=True to let tfds download it)")
+  if not have_archive:
+    offline = probe.unreachable(spec.url)
+    if offline:
+      raise DataError(
+          f"data.manual_dir: {spec.title} is not prepared in {data_root} and "
+          f"{archive} does not exist, and data.download cannot reach the "
+          f"network ({offline}); download {spec.url} and put it there (or "
+          f"set data.manual_dir to the folder holding {filename})")
   if have_archive and info is not None and info.size:
     size = os.path.getsize(archive)
     if size != int(info.size):
@@ -152,17 +164,20 @@ def _read_split(builder, tfds, split: str, spec: Spec, data_root: str):
 
 
 def load(name: str, data_dir: Optional[str] = "", manual_dir: str = "",
-         download: bool = False) -> Dataset:
-  """CIFAR-10/100, preparing it with tfds from manual_dir when needed."""
+         download: bool = True) -> Dataset:
+  """CIFAR-10/100, preparing it with tfds from manual_dir (or a download)
+  when needed."""
   spec = SPECS[name]
   _, tfds = import_tf()
-  try:
-    builder = tfds.builder(name, data_dir=data_dir or None)
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f"data.data_dir: cannot open the tfds dataset {name} in "
-                    f"{data_dir or 'the tfds default data dir'}: "
-                    f"{_one_line(e)}") from None
-  if not builder.is_prepared():
+  with quiet.tfds_lookup():
+    try:
+      builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(f"data.data_dir: cannot open the tfds dataset {name} "
+                      f"in {data_dir or 'the tfds default data dir'}: "
+                      f"{_one_line(e)}") from None
+    prepared = builder.is_prepared()
+  if not prepared:
     _prepare(builder, tfds, spec, manual_dir or "", download)
   data_root = os.fspath(builder.data_dir_root)
   train_images, train_labels = _read_split(builder, tfds, "train", spec,
