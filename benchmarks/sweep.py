@@ -401,7 +401,8 @@ def spread(r: dict, other: dict) -> dict:
     y = by_alpha.get(x["alpha"])
     if y is None:
       continue
-    d = {k: (None if x[k] is None or y[k] is None else y[k] - x[k])
+    # A repeat's figures.json from an older report may lack a baseline.
+    d = {k: (None if x.get(k) is None or y.get(k) is None else y[k] - x[k])
          for k in acc_keys}
     rows.append({"alpha": x["alpha"], "bits": (x["bits"], y["bits"]), **d})
     bits.append(abs(y["bits"] - x["bits"]))
@@ -411,6 +412,15 @@ def spread(r: dict, other: dict) -> dict:
           "median_bits": float(np.median(bits)) if bits else 0.0,
           "max_acc": max(accs, default=0.0),
           "median_acc": float(np.median(accs)) if accs else 0.0}
+
+
+def read_repeat(p: Preset, where: str) -> dict:
+  """A second run's figures: its workdir, or the figures.json its report
+  wrote (when its workdirs are gone)."""
+  if where.endswith(".json"):
+    with open(where) as f:
+      return json.load(f)
+  return collect(p, where)
 
 
 def spread_lines(s: dict, note: str) -> List[str]:
@@ -630,9 +640,10 @@ def main(argv=None) -> None:
   ap.add_argument("--note", default="",
                   help="a line for the report about how it was run (e.g. "
                        "what else ran on the machine)")
-  ap.add_argument("--repeat", default=None, metavar="WORKDIR",
+  ap.add_argument("--repeat", default=None, metavar="WORKDIR_OR_JSON",
                   help="a second run of the same preset (another day, "
-                       "machine or seed): the report adds how far it moved")
+                       "machine or seed), its workdir or its figures.json: "
+                       "the report adds how far it moved")
   ap.add_argument("--repeat-note", default="",
                   help="how the --repeat run was made (its command, machine)")
   args = ap.parse_args(argv)
@@ -653,7 +664,7 @@ def main(argv=None) -> None:
   result = collect(preset, workdir)
   repeat = None
   if args.repeat:
-    repeat = (collect(preset, args.repeat), args.repeat_note or
+    repeat = (read_repeat(preset, args.repeat), args.repeat_note or
               f"Run 2: the runs in {args.repeat}.")
   plot_dir = os.path.splitext(args.out)[0]
   plots(preset, result, plot_dir)

@@ -230,3 +230,24 @@ def test_layers_go_from_input_to_classifier():
   assert sorted(names, key=sweep.layer_order) == [
       "conv1/kernel", "layer1_0/conv1/kernel", "layer2_0/conv1/kernel",
       "fc/kernel"]
+
+
+def test_repeat_from_an_older_figures_json(fake_sweep, tmp_path):
+  """A repeat whose workdirs are gone: its figures.json, written by an
+  older report without the hawq and uniform columns, still gives the
+  spread of what it has; the columns it lacks show '-'."""
+  r1 = sweep.collect(SMALL, fake_sweep)
+  old = json.loads(json.dumps(sweep.collect(SMALL, _fake(
+      str(tmp_path / "run0"), shift=-0.02))))
+  for x in old["alphas"]:
+    for key in ("hawq_acc", "hawq_bits", "hawq_layers", "uniform_acc",
+                "uniform_bits", "ft_bits"):
+      del x[key]
+  path = tmp_path / "figures.json"
+  path.write_text(json.dumps(old))
+  r2 = sweep.read_repeat(SMALL, str(path))
+  s = sweep.spread(r1, r2)
+  assert s["max_acc"] == pytest.approx(0.02)
+  assert [x["hawq_acc"] for x in s["rows"]] == [None, None, None]
+  text = "\n".join(sweep.spread_lines(s, "Run 2: older."))
+  assert "| 1 | 3.00 -> 3.00 | -2.00 | - | +0.00 | - |" in text
