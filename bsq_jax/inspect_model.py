@@ -11,7 +11,8 @@ an exported file, its real size.
 
 A training run (in memory or from its directory) and an exported file go
 through the same table code: both are first reduced to integer levels
-(`bsq_jax.export.PackedTensor`), by the very function export uses.
+(`bsq_jax.packed_format.PackedTensor`), by the very function export uses
+(`bsq_jax.model_tensors.model_tensors`).
 
 `write_plots` draws two PNGs (matplotlib, Agg): the precision per layer (bar
 chart, in layer order) and a heat map of bit-plane density (layers x bit
@@ -35,6 +36,8 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from bsq_jax import export
+from bsq_jax.model_tensors import model_tensors
+from bsq_jax.packed_format import PackedTensor, read_packed
 
 PRECISION_PNG = "precision.png"
 DENSITY_PNG = "bit_density.png"
@@ -111,7 +114,7 @@ def _describe(cfg: Mapping[str, Any]) -> str:
 
 
 def report_from_levels(source: str, mode: str, model_config: Mapping[str, Any],
-                       tensors: Sequence[export.PackedTensor],
+                       tensors: Sequence[PackedTensor],
                        float_elements: int,
                        file_bytes: Optional[int] = None) -> Report:
   """The one table code: rows from integer levels, in layer order."""
@@ -127,16 +130,16 @@ def inspect_variables(model_cfg: Mapping[str, Any], mode: str,
                       variables: Mapping[str, Any],
                       source: str = "(in memory)") -> Report:
   """Report for a model in memory (bsq: scheme may be None; finetune)."""
-  _, entries = export.model_tensors(model_cfg, mode, scheme, variables)
-  tensors = [v for _, _, v in entries if isinstance(v, export.PackedTensor)]
+  _, entries = model_tensors(model_cfg, mode, scheme, variables)
+  tensors = [v for _, _, v in entries if isinstance(v, PackedTensor)]
   floats = sum(v.size for _, _, v in entries
-               if not isinstance(v, export.PackedTensor))
+               if not isinstance(v, PackedTensor))
   return report_from_levels(source, mode, model_cfg, tensors, floats)
 
 
 def inspect_file(path: str) -> Report:
   """Report for a packed model file (numpy only)."""
-  packed = export.read_packed(path)
+  packed = read_packed(path)
   return report_from_levels(path, packed.header["mode"], packed.model_config,
                             list(packed.quantized.values()),
                             packed.float_elements, packed.file_bytes)

@@ -21,6 +21,7 @@ from bsq_jax.checkpoint import load_result
 from bsq_jax.layers import Quant
 from bsq_jax.models import build_model
 from bsq_jax.models.any_flax import model_config
+from bsq_jax.packed_loader import load_model
 from bsq_jax.quantize import QuantizedModel
 from bsq_jax.rules import ActRule, RuleError, Rules, WeightRule
 from bsq_jax.train import train_and_evaluate
@@ -221,7 +222,7 @@ def test_export_and_load_give_bit_identical_logits(plain_run, tmp_path):
   path = str(tmp_path / "model.bsq")
   export.export_model(path, result.model_config, result.mode, result.scheme,
                       result.variables)
-  model, variables = export.load_model(path)
+  model, variables = load_model(path)
   trained = build_model(result.model_config, Quant("bsq", result.scheme))
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   np.testing.assert_array_equal(model.apply(variables, x, train=False),

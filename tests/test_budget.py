@@ -72,11 +72,12 @@ def test_kbytes_formula_by_hand():
 
 
 def test_kbytes_is_the_quantized_part_of_the_export_formula():
-  export = pytest.importorskip("bsq_jax.export")
+  packed_format = pytest.importorskip("bsq_jax.packed_format")
   bits = {"a": 3, "b": 0, "c": 7}
   sizes = {"a": 1001, "b": 9, "c": 333}
   acc = Accounting(bits=bits, sizes=sizes)
-  expected = export.formula_bytes(bits, sizes, 0) - export.PREFIX_BYTES
+  expected = (packed_format.formula_bytes(bits, sizes, 0) -
+              packed_format.PREFIX_BYTES)
   assert bud.kbytes(acc) * 1000 == pytest.approx(expected)
 
 

@@ -1,4 +1,5 @@
-"""The packed model file (bsq_jax.export) and the inspection report."""
+"""The packed model file: its format (bsq_jax.packed_format), export,
+the loader (bsq_jax.packed_loader) and the inspection report."""
 
 import dataclasses
 import json
@@ -14,9 +15,11 @@ import pytest
 from bsq_jax import bitplanes as bp
 from bsq_jax import export
 from bsq_jax import inspect_model
+from bsq_jax import packed_format
 from bsq_jax import scheme as sch
 from bsq_jax.layers import Quant
 from bsq_jax.models import build_model, input_shape
+from bsq_jax.packed_loader import load_model
 
 CFG = {"name": "cifar_resnet", "depth": 8, "num_classes": 10, "act_bits": 4,
        "width": 4, "channels": 3}
@@ -129,7 +132,7 @@ def test_export_load_reproduces_weights_and_logits(runs, images, mode):
   assert np.all(np.isfinite(want_logits)) and np.ptp(want_logits) > 0
 
   # Default: Levels, c = q / K: every weight bit for bit, signed zeros too.
-  loaded, lvars = export.load_model(run.path)
+  loaded, lvars = load_model(run.path)
   got_w, got_logits = _forward(loaded, lvars, run.scheme, images)
   assert set(got_w) == set(want_w)
   for name in want_w:
@@ -149,7 +152,7 @@ def test_export_load_reproduces_weights_and_logits(runs, images, mode):
                                       err_msg=p)
 
   # BitPlanes: binary planes of q, the same weights as values, same logits.
-  loaded_b, bvars = export.load_model(run.path, mode="bsq")
+  loaded_b, bvars = load_model(run.path, mode="bsq")
   assert sch.scheme_of(bvars["params"]) == run.scheme
   got_b, logits_b = _forward(loaded_b, bvars, None, images)
   for name in want_w:
@@ -159,7 +162,7 @@ def test_export_load_reproduces_weights_and_logits(runs, images, mode):
   np.testing.assert_array_equal(logits_b, want_logits)
 
   # The numpy-only reader: integer levels and a numpy weight within an ulp.
-  packed = export.read_packed(run.path)
+  packed = packed_format.read_packed(run.path)
   assert packed.scheme == run.scheme and packed.model_config == run.cfg
   assert packed.header["mode"] == mode
   for name, t in packed.quantized.items():
@@ -179,8 +182,8 @@ def test_file_size_matches_formula(runs):
   floats = sum(int(np.size(v)) for c in variables
                for p, v in sch.walk(variables[c])
                if not (c == "params" and p in quantized))
-  formula = export.formula_bytes(acc.bits, acc.sizes, floats)
-  json_bytes = stats.header_bytes - export.PREFIX_BYTES
+  formula = packed_format.formula_bytes(acc.bits, acc.sizes, floats)
+  json_bytes = stats.header_bytes - packed_format.PREFIX_BYTES
   assert 0 < json_bytes < 8192
   assert os.path.getsize(path) == formula + json_bytes
   # n + 1 bits per weight, padded to a byte per tensor.
@@ -215,14 +218,14 @@ def _refused(tmp_path, data, *expect):
   path = str(tmp_path / "bad.bsq")
   with open(path, "wb") as f:
     f.write(data)
-  with pytest.raises(export.ExportError) as e:
-    export.read_packed(path)
+  with pytest.raises(packed_format.ExportError) as e:
+    packed_format.read_packed(path)
   msg = str(e.value)
   assert "\n" not in msg and msg.startswith(path), msg
   for word in expect:
     assert word in msg, msg
   with pytest.raises(ValueError):  # load_model refuses it the same way
-    export.load_model(path)
+    load_model(path)
   return msg
 
 
@@ -253,7 +256,8 @@ def test_wrong_version_and_magic_are_refused(good_file, tmp_path):
   header = json.loads(good_file[20:20 + head_len])
   header["format_version"] = 2
   head = json.dumps(header).encode()
-  data = (struct.pack("<8sIII", export.MAGIC, 2, len(head), zlib.crc32(head))
+  data = (struct.pack("<8sIII", packed_format.MAGIC, 2, len(head),
+                     zlib.crc32(head))
           + head + good_file[20 + head_len:])
   _refused(tmp_path, data, "unsupported format version 2")
   _refused(tmp_path, b"PK\x03\x04" + good_file[4:], "not a BSQ packed model",
@@ -262,8 +266,8 @@ def test_wrong_version_and_magic_are_refused(good_file, tmp_path):
 
 def test_missing_file_is_refused(tmp_path):
   path = str(tmp_path / "nope.bsq")
-  with pytest.raises(export.ExportError, match="no such file") as e:
-    export.read_packed(path)
+  with pytest.raises(packed_format.ExportError, match="no such file") as e:
+    packed_format.read_packed(path)
   assert str(e.value).startswith(path) and "\n" not in str(e.value)
   assert inspect_model.main([path]) == 1
 
@@ -295,7 +299,7 @@ def test_inspect_run_and_file_agree_with_accounting(runs, mode, tmp_path,
     assert len(r.density) == r.bits
     assert all(0.0 <= d <= 1.0 for d in r.density)
   if mode == "bsq":  # binary planes: the density is bit_density's
-    planes = export.load_model(path, mode="bsq")[1]["params"]
+    planes = load_model(path, mode="bsq")[1]["params"]
     dens = sch.bit_density(planes)
     for r in run.rows:
       np.testing.assert_allclose(r.density, dens[r.path], err_msg=r.path)
@@ -318,20 +322,21 @@ def test_export_refuses_inconsistent_input(runs, tmp_path):
   run = runs("finetune")
   cfg, scheme, variables = run.cfg, run.scheme, run.variables
   path = str(tmp_path / "x.bsq")
-  with pytest.raises(export.ExportError, match="needs the scheme"):
+  with pytest.raises(packed_format.ExportError, match="needs the scheme"):
     export.export_model(path, cfg, "finetune", None, variables)
-  with pytest.raises(export.ExportError, match="disagree"):
+  with pytest.raises(packed_format.ExportError, match="disagree"):
     export.export_model(path, cfg, "finetune", dict(list(scheme.items())[1:]),
                         variables)
-  with pytest.raises(export.ExportError, match="mode"):
+  with pytest.raises(packed_format.ExportError, match="mode"):
     export.export_model(path, cfg, "float", scheme, variables)
-  with pytest.raises(export.ExportError, match="expected Levels"):
+  with pytest.raises(packed_format.ExportError, match="expected Levels"):
     export.export_model(path, cfg, "finetune", scheme,
                         runs("bsq").variables)
-  with pytest.raises(export.ExportError, match="do not match the model"):
+  with pytest.raises(packed_format.ExportError,
+                     match="do not match the model"):
     export.export_model(path, dict(cfg, width=8), "finetune", scheme,
                         variables)
-  with pytest.raises(export.ExportError, match="cannot build the model"):
+  with pytest.raises(packed_format.ExportError, match="cannot build the model"):
     export.export_model(path, dict(cfg, depth=9), "finetune", scheme,
                         variables)
   assert not os.path.exists(path)
@@ -345,7 +350,7 @@ def test_file_written_before_the_rules_change_loads_bit_for_bit():
   synthetic_test=64, bsq.alpha=20.0; then python -m bsq_jax.export; the
   logits are its load_model(...).apply(v, x, train=False) for x below."""
   data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-  model, variables = export.load_model(os.path.join(data, "smoke_e05e4db.bsq"))
+  model, variables = load_model(os.path.join(data, "smoke_e05e4db.bsq"))
   x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
   np.testing.assert_array_equal(
       model.apply(variables, x, train=False),

@@ -68,13 +68,14 @@ def test_export_and_inspect_a_finished_run(finished_run, tmp_path):
   from bsq_jax import export, inspect_model
   from bsq_jax.layers import Quant
   from bsq_jax.models import build_model
+  from bsq_jax.packed_loader import load_model
   workdir, _ = finished_run
   result = load_result(workdir)
   path = str(tmp_path / "model.bsq")
   stats = export.export_model(path, result.model_config, result.mode,
                               result.scheme, result.variables)
   assert stats.file_bytes == os.path.getsize(path)
-  model, variables = export.load_model(path)
+  model, variables = load_model(path)
   trained = build_model(result.model_config,
                         Quant(result.mode, result.scheme))
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
