@@ -10,25 +10,44 @@ import os
 import shlex
 import sys
 import threading
+from typing import List, Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Run folder; default workdirs/<config "
-                    "file name>.")
-flags.DEFINE_string("coordinator_address", None, "Several hosts: process "
-                    "0's host:port, the same on every process.")
-flags.DEFINE_integer("num_processes", None, "Several hosts: how many processes.")
-flags.DEFINE_integer("process_id", None, "Several hosts: this process's index.")
-flags.DEFINE_bool("tcmalloc", True, "On CPU (Linux): start again under "
-                  "tcmalloc when it is installed and not loaded (faster "
-                  "steps); --notcmalloc or BSQ_JAX_TCMALLOC=0 to not.")
-flags.DEFINE_integer("init_timeout", 300, "Several hosts: seconds to wait for "
-                     "every process to reach the coordinator.")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS,
+                 argv: Optional[List[str]] = None) -> flags.FlagValues:
+  """main.py's flags, on `flag_values`; `argv` (default sys.argv) names the
+  --config.* overrides, which ml_collections defines from it (a fresh set
+  with its own argv parses the documented commands in tests/test_docs.py)."""
+  fv = flag_values
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                  lock_config=True, flag_values=fv,
+                                  sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Run folder; default workdirs/<config "
+                      "file name>.", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "Several hosts: process "
+                      "0's host:port, the same on every process.",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Several hosts: how many "
+                       "processes.", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "Several hosts: this process's "
+                       "index.", flag_values=fv)
+  flags.DEFINE_bool("tcmalloc", True, "On CPU (Linux): start again under "
+                    "tcmalloc when it is installed and not loaded (faster "
+                    "steps); --notcmalloc or BSQ_JAX_TCMALLOC=0 to not.",
+                    flag_values=fv)
+  flags.DEFINE_integer("init_timeout", 300, "Several hosts: seconds to wait "
+                       "for every process to reach the coordinator.",
+                       flag_values=fv)
+  flags.mark_flags_as_required(["config"], flag_values=fv)
+  return fv
+
+
+define_flags()
 
 
 def parse_flags(argv):
