@@ -24,48 +24,12 @@ The pieces, all host-side Python / numpy:
   params would give now, input untouched), `soft_size` (its continuous
   version, for the rate) and `sizes` (both from one re-quantization);
 - `BudgetController`: `alpha_for_epoch`, `observe`, `report`, `metrics`,
-  `progress`, `state_dict` / `from_state_dict` (JSON-serializable, for resume).
+  `progress`, `state_dict` / `from_state_dict` (JSON-serializable, for resume):
+  the state, its checks and its reports around the rule below.
 
-Control rule (BudgetController). Epochs are 0 .. E-1; boundary t is the
-moment before epoch t. Epoch t trains with learning rate lr_t (the `effort`
-of the epoch; all 1 if not given): the group Lasso moves the planes in
-proportion to lr * alpha, so an epoch at a tenth of the learning rate needs
-ten times the alpha for the same effect. After epoch e the controller gets
-
-    size_e  what a re-quantization would give now (whole planes, staircase)
-    soft_e  its continuous version (log2(M + 1) bits per tensor, see
-            `soft_size`), which falls smoothly while the planes shrink
-    loss_e  optionally the epoch's training loss (cross-entropy)
-
-and sets alpha for epoch e+1 from the rate the plan needs and the rate the
-last epoch gave (a one-parameter model of the plant, re-fitted every epoch):
-
-    aim    = target - tol                  (tol = tolerance * target, 2%)
-    need   = size_e - aim                  (what is still to go)
-    want   = need * lr_{e+1} / sum(lr_t, t = e+1 .. R-1)
-             (the rest of the plan, spread in proportion to the learning
-              rate over the epochs up to R = reach_epoch: the last change of
-              the learning rate, or 90% of the way if it is constant)
-    gain   = (soft_{e-1} - soft_e) / (alpha_e * lr_e)   (soft_{-1} = start)
-    alpha' = want / (gain * lr_{e+1})
-
-    need <= 0:            alpha / down_factor          ("down": stop pushing)
-    gain <= 0:            alpha * up_factor            ("up": nothing moved)
-    otherwise:            alpha' bounded to [alpha / down_factor,
-                          alpha * up_factor]         ("up" / "down" / "hold")
-    then, if e+1 >= R:    never above alpha            ("hold": the tail's low
-                          learning rate barely moves the planes, and a raised
-                          alpha there wrecked the model on Fashion-MNIST)
-    then, if loss_e > damage_factor * lowest loss so far (1.5), unless a
-    host pass ran just before epoch e:
-                          at most alpha / down_factor  ("damage")
-
-then alpha is clipped to [alpha_min, alpha_max]. The size error is measured
-on whole planes (what the result will be), the rate on the soft size (which
-moves every epoch, while whole planes go in steps). The damage guard exists
-because a too-strong penalty wrecks the accuracy without giving a smaller
-model (on Fashion-MNIST a fixed alpha of 8 ended at more bits than alpha 4).
-Each epoch's record (alpha used, sizes, plan, gain, action) is kept in
+The rule by which the controller sets alpha (the plan, the rate rule and
+the damage guard) is `bsq_jax.budget_rule`, with its formulas. Each epoch's
+record (alpha used, sizes, plan, gain, action) is kept in the controller's
 `history` and is part of the state.
 """
 
@@ -77,8 +41,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from bsq_jax import budget_rule as rule
+from bsq_jax.budget_rule import fmt_size
+from bsq_jax.packed_format import SCALE_BYTES, packed_bytes
+
 UNITS = ("bits", "kbytes")
-SCALE_BYTES = 4          # one float32 scale per quantized tensor
 MAX_STEP_FACTOR = 4.0    # bound on up_factor / down_factor
 STATE_VERSION = 2
 
@@ -141,15 +108,15 @@ def kbytes(accounting) -> float:
   anything with `bits` and `sizes` mappings): m_q weights of n_q magnitude
   bits plus one sign bit each, packed to whole bytes per tensor, and 4 bytes
   for the tensor's float32 scale. A precision-0 tensor costs only its scale.
-  This is exactly the quantized part of `export.formula_bytes` (the packed
-  file adds its 20-byte prefix, the JSON header and the float32 tensors).
+  This is exactly the quantized part of `packed_format.formula_bytes` (the
+  packed file adds its 20-byte prefix, the JSON header and the float32 tensors).
   """
   total = 0
   for name, m in accounting.sizes.items():
     n = int(accounting.bits[name])
     if n < 0:
       raise ValueError(f"{name}: negative precision {n}")
-    total += SCALE_BYTES + (0 if n == 0 else -(-int(m) * (n + 1) // 8))
+    total += SCALE_BYTES + packed_bytes(int(m), n)
   return total / 1000.0
 
 
@@ -222,10 +189,6 @@ def _soft(requantized, unit: str) -> float:
 # The controller.
 
 
-def _fmt(value: float, unit: str) -> str:
-  return f"{value:.3f} bits" if unit == "bits" else f"{value:.3f} kB"
-
-
 class BudgetController:
   """Sets alpha once per epoch so that the size reaches `target`.
 
@@ -251,7 +214,7 @@ class BudgetController:
     accuracy: at chance level the accuracy swings by a third between epochs,
     the loss by a few percent.
 
-  See the module docstring for the rule.
+  See `bsq_jax.budget_rule` for the rule.
   """
 
   def __init__(self, target: float, unit: str, start_value: float,
@@ -305,24 +268,9 @@ class BudgetController:
     if not self.damage_factor > 1:
       raise ValueError(f"damage_factor: expected a value > 1, got "
                        f"{damage_factor}")
-    if not 0 <= settle_fraction < 1:
-      raise ValueError(f"settle_fraction: expected a value in [0, 1), got "
-                       f"{settle_fraction}")
-    if reach_epoch is None and len(set(self.effort)) > 1:
-      # The plan ends where the learning rate last changes: after that the
-      # same alpha moves the planes far less (seen: 2-5x less per alpha * lr
-      # on Fashion-MNIST), so the tail only holds or trims.
-      reach_epoch = max(e for e in range(1, self.epochs)
-                        if self.effort[e] != self.effort[e - 1])
-    if reach_epoch is None:
-      reach_epoch = max(1, self.epochs -
-                        int(round(settle_fraction * self.epochs)))
-    reach_epoch = int(reach_epoch)
-    if not 1 <= reach_epoch <= self.epochs:
-      raise ValueError(f"reach_epoch: expected 1..{self.epochs}, got "
-                       f"{reach_epoch}")
+    self.reach_epoch = rule.plan_end(self.effort, settle_fraction,
+                                     reach_epoch)
     self.settle_fraction = float(settle_fraction)
-    self.reach_epoch = reach_epoch
     self.alpha = alpha0           # alpha for the next epoch to run
     self.alpha0 = alpha0
     self.history: List[Dict[str, Any]] = []  # one record per observed epoch
@@ -343,27 +291,14 @@ class BudgetController:
     """The drop planned for `epoch` from `size`: the rest of the way to the
     aim, in proportion to the epoch's share of the learning rate left before
     reach_epoch (all of it at or after reach_epoch)."""
-    need = size - self.aim
-    if epoch >= self.reach_epoch:
-      return need
-    return need * self.effort[epoch] / sum(self.effort[epoch:self.reach_epoch])
+    return rule.planned_drop(size - self.aim, self.effort, epoch,
+                             self.reach_epoch)
 
   @property
   def warnings(self) -> List[str]:
     """Why this run may miss its target (shown once by the loop)."""
-    out = []
-    if self.epochs < 6:
-      out.append(f"budget: only {self.epochs} epochs; the controller needs "
-                 f"several epochs to steer")
-    if not any(e > 0 for e in self.requant_epochs):
-      out.append("budget: no re-quantization during training (only at "
-                 "epoch 0 and the final one); the model keeps its zero planes "
-                 "until the end")
-    if self.target >= self.start_value:
-      out.append(f"budget: the target {_fmt(self.target, self.unit)} is not "
-                 f"below the start {_fmt(self.start_value, self.unit)}; alpha "
-                 f"will be lowered")
-    return out
+    return rule.early_warnings(self.epochs, self.requant_epochs, self.target,
+                               self.start_value, self.unit)
 
   # -- per epoch ------------------------------------------------------------
 
@@ -399,28 +334,16 @@ class BudgetController:
     soft = measured if soft is None else _size("soft", soft)
     used = self.alpha
     before = self.history[-1]["soft"] if self.history else self.start_soft
-    # Only the last epoch's gain: the plant stiffens as the bits go down (the
-    # top plane of a narrow range holds many weights), so older gains mislead.
-    gain = (before - soft) / (used * self.effort[epoch])
+    gain = rule.epoch_gain(before, soft, used, self.effort[epoch])
     nxt = min(epoch + 1, self.epochs - 1)
     want = self.wanted(nxt, measured)
-    if want <= 0:
-      action, step = "down", 1.0 / self.down_factor
-    elif gain <= 0:
-      action, step = "up", self.up_factor
-    else:
-      step = want / (gain * self.effort[nxt]) / used
-      step = min(self.up_factor, max(1.0 / self.down_factor, step))
-      action = "up" if step > 1.01 else "down" if step < 0.99 else "hold"
-    if nxt >= self.reach_epoch:  # the tail holds: low lr, raises only damage
-      step = min(step, 1.0)
-      action = "hold" if action == "up" else action
-    # The first epoch after a host pass is exempt: re-rounding the weights
-    # and restarting momentum lift its loss whatever alpha is (seen: 0.44 ->
-    # 0.84 -> 0.53 -> 0.46 as a pass took 3.6 bits at once).
+    action, step = rule.rate_step(want, gain, used, self.effort[nxt],
+                                  self.up_factor, self.down_factor)
+    if nxt >= self.reach_epoch:
+      action, step = rule.hold_tail(action, step)
     losses = [r["loss"] for r in self.history if r["loss"] is not None]
-    if loss is not None and losses and epoch not in self.requant_epochs \
-        and loss > self.damage_factor * min(losses):
+    if rule.damaged(loss, losses, epoch in self.requant_epochs,
+                    self.damage_factor):
       action, step = "damage", min(step, 1.0 / self.down_factor)
     self.alpha = float(min(self.alpha_max, max(self.alpha_min, used * step)))
     self.history.append({"epoch": epoch, "alpha": used, "measured": measured,
@@ -444,7 +367,8 @@ class BudgetController:
   def progress(self) -> str:
     """A short piece for the progress line, from the last `observe`."""
     if not self.history:
-      return f"budget alpha {self.alpha:.3g} target {_fmt(self.target, self.unit)}"
+      return (f"budget alpha {self.alpha:.3g} target "
+              f"{fmt_size(self.target, self.unit)}")
     r = self.history[-1]
     unit = "b" if self.unit == "bits" else "kB"
     return (f"size {r['measured']:.3f}{unit} (soft {r['soft']:.3f}, target "
@@ -462,16 +386,18 @@ class BudgetController:
     excess = 0.0 if met else final - self.target
     below = self.target - final if met else 0.0
     pct = 100.0 * (final - self.target) / self.target
-    t, f = _fmt(self.target, self.unit), _fmt(final, self.unit)
+    t, f = fmt_size(self.target, self.unit), fmt_size(final, self.unit)
     if met and below <= 2 * self.tolerance_abs:
       msg = f"budget met: {f} for a target of {t}"
     elif met:
-      msg = (f"budget met: {f} for a target of {t}, {_fmt(below, self.unit)} "
-             f"({-pct:.1f}%) below it (the controller overshot)")
+      msg = (f"budget met: {f} for a target of {t}, "
+             f"{fmt_size(below, self.unit)} ({-pct:.1f}%) below it (the "
+             f"controller overshot)")
     else:
-      msg = (f"budget NOT met: {f} is {_fmt(excess, self.unit)} ({pct:.1f}%) "
-             f"above the target of {t}; train longer, start from a larger "
-             f"alpha or raise alpha_max (last alpha {self.alpha:.3g}, "
+      msg = (f"budget NOT met: {f} is {fmt_size(excess, self.unit)} "
+             f"({pct:.1f}%) above the target of {t}; train longer, start "
+             f"from a larger alpha or raise alpha_max (last alpha "
+             f"{self.alpha:.3g}, "
              f"alpha_max {self.alpha_max:.3g})")
     return {"target": self.target, "unit": self.unit, "final": final,
             "met": met, "excess": excess, "below": below,
