@@ -342,16 +342,20 @@ def test_export_refuses_inconsistent_input(runs, tmp_path):
   assert not os.path.exists(path)
 
 
-def test_file_written_before_the_rules_change_loads_bit_for_bit():
+def test_file_written_before_the_rules_change_loads_with_its_logits():
   """A file exported by commit e05e4db (QConv layers, before the built-in
   models became plain Flax with rules) loads and gives the logits that
   version gave. Written there by: main.py --config=configs/smoke.py with
   model.width=4, batch_size=64, eval_batch_size=64, synthetic_train=256,
   synthetic_test=64, bsq.alpha=20.0; then python -m bsq_jax.export; the
-  logits are its load_model(...).apply(v, x, train=False) for x below."""
+  logits are its load_model(...).apply(v, x, train=False) for x below.
+  Equal on the machine that wrote them; XLA's CPU code differs between
+  processors in the last bits (1.5e-8 seen on an AMD EPYC), while a wrong
+  weight, scale or layer moves them by far more than the 1e-6 allowed."""
   data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
   model, variables = load_model(os.path.join(data, "smoke_e05e4db.bsq"))
   x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
-  np.testing.assert_array_equal(
+  np.testing.assert_allclose(
       model.apply(variables, x, train=False),
-      np.load(os.path.join(data, "smoke_e05e4db_logits.npy")))
+      np.load(os.path.join(data, "smoke_e05e4db_logits.npy")), rtol=0,
+      atol=1e-6)
