@@ -109,7 +109,7 @@ def _memory(device) -> dict:
 
 
 def _epoch_s(trainer, state, data, epoch, chunk):
-  """One epoch as Run._epoch drives it (metrics read after every chunk)."""
+  """One epoch as StageLoop._epoch drives it (metrics read after every chunk)."""
   import jax  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   loss = 0.0

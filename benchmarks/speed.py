@@ -141,7 +141,7 @@ def run_epoch(trainer, state, data, epoch, chunk):
 
 
 def _read_at_once(chunks):
-  """As Run._epoch: each chunk's metrics read as soon as it is dispatched."""
+  """As StageLoop._epoch: each chunk's metrics read once it is dispatched."""
   for state, n, sums in chunks:
     yield state, n, jax.device_get(sums)
 
@@ -160,7 +160,7 @@ def one_chunk_behind(chunks):
 
 
 def full_epoch(trainer, state, data, epoch, chunk, lag=False):
-  """An epoch as Run._epoch drives it (metrics read at once), or with the
+  """An epoch as StageLoop._epoch drives it (metrics read at once), or with the
   metrics one chunk behind (lag=True); seconds."""
   t0 = time.perf_counter()
   totals = {}
@@ -499,7 +499,7 @@ def write_report(args, R):
   L.append(f"\nEpoch = `train_epoch` with the Trainer's own chunk of "
            f"{R.get('epoch_chunk', '?')} steps per dispatch (`chunk_steps`, or "
            f"`cpu_chunk_steps` on CPU), metrics read per chunk as "
-           f"`Run._epoch` does. Its chunk differs from the timing chunks (a "
+           f"`StageLoop._epoch` does. Its chunk differs from the timing chunks (a "
            f"separate compile, not counted), so `epoch / steps` also holds the "
            f"chunk size's own effect on the step. `step at the epoch's chunk` "
            f"times the same chunks alone (`jax.block_until_ready` after each, "

@@ -6,7 +6,7 @@ import sys
 from bsq_jax.checkpoint import CheckpointError
 from bsq_jax.config_check import ConfigError
 from bsq_jax.data import DataError
-from bsq_jax.train import Diverged
+from bsq_jax.stage_loop import Diverged
 
 EXPECTED = (ConfigError, DataError, CheckpointError, Diverged,
             FileNotFoundError, KeyError, ValueError)

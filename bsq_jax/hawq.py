@@ -61,7 +61,7 @@ key (`TraceCache`), and a sweep copies the file to its other alphas' runs
 (the estimate costs about 3 minutes on 2 CPU cores for ResNet-20).
 
 Then the stage converts the float model to the chosen scheme (`float_to_bsq`)
-and finetunes it exactly as `scratch` does (`train.Run.hawq`).
+and finetunes it exactly as `scratch` does (`stages.Run.hawq`).
 """
 
 from __future__ import annotations

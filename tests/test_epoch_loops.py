@@ -62,7 +62,7 @@ def setup():
 
 def _epoch(trainer, state, data, chunk):
   """State after one epoch, and the summed metrics of its chunks (summed on
-  the host in chunk order, as Run._epoch does)."""
+  the host in chunk order, as StageLoop._epoch does)."""
   totals, steps = {}, []
   for state, n, sums in trainer.train_epoch(state, data, 3, 1, chunk):
     steps.append(n)

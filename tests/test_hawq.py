@@ -18,7 +18,8 @@ from bsq_jax import hawq
 from bsq_jax import scheme as sch
 from bsq_jax.checkpoint import CheckpointError, load_result
 from bsq_jax.quantize import QuantizedModel
-from bsq_jax.train import Run, train_and_evaluate
+from bsq_jax.stages import Run
+from bsq_jax.train import train_and_evaluate
 from tiny import tiny_config
 
 # -- a model small enough for its full Hessian ---------------------------------
@@ -253,7 +254,7 @@ def test_finished_hawq_stage_is_skipped(hawq_run):
   before = open(os.path.join(workdir, "metrics.jsonl")).read()
   run = Run(tiny_config(stages="hawq", **HAWQ), workdir)
   assert run.run() == table
-  assert not run._trainers  # neither traces nor finetuning were redone
+  assert not run.loop._trainers  # neither traces nor finetuning were redone
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
 
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from bsq_jax.checkpoint import load_result
-from bsq_jax.train import Run
+from bsq_jax.stages import Run
 from tiny import as_flags, copy_run, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

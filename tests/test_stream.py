@@ -9,7 +9,7 @@ from bsq_jax.data.stream import Stream, is_streamed, load_stream
 from bsq_jax.epoch import epoch_key
 from bsq_jax.models import init_variables
 from bsq_jax.step import TrainState
-from bsq_jax.train import Run
+from bsq_jax.stages import Run
 from tiny import tiny_config
 
 SHAPE = (8, 8, 3)
@@ -58,8 +58,8 @@ def test_host_fed_epoch_equals_on_device_epoch(tmp_path):
   augmentation), give the same parameters after two steps on 8 devices."""
   config = tiny_config(**{"data.augment": False, "data.synthetic_train": 128})
   run = Run(config, str(tmp_path))
-  v = init_variables(run.model("float"), jax.random.key(0), run.sample)
-  trainer = run.trainer("float", None, v["params"], config.pretrain)
+  v = init_variables(run.loop.model("float"), jax.random.key(0), run.sample)
+  trainer = run.loop.trainer("float", None, v["params"], config.pretrain)
   start = TrainState(v["params"], v["batch_stats"], trainer.tx.init(v["params"]))
 
   data = run.train

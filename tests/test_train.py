@@ -13,7 +13,9 @@ import pytest
 from bsq_jax import bitplanes as bp
 from bsq_jax import scheme as sch
 from bsq_jax.checkpoint import load_result
-from bsq_jax.train import Diverged, Run, train_and_evaluate
+from bsq_jax.stage_loop import Diverged
+from bsq_jax.stages import Run
+from bsq_jax.train import train_and_evaluate
 from tiny import as_flags, copy_run, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +49,7 @@ def test_rerun_skips_finished_stages(finished_run):
   run = Run(tiny_config(), workdir)
   assert run.run() == table
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
-  assert not run._trainers  # nothing was compiled: every stage was skipped
+  assert not run.loop._trainers  # nothing was compiled: every stage was skipped
 
 
 def test_results_rebuild_from_workdir(finished_run):
@@ -134,7 +136,7 @@ def test_scheme_change_compiles_once(finished_run, tmp_path):
   start = load_result(workdir, "convert")
   state = start.state
   scheme = dict(start.scheme)
-  trainer = run.trainer("bsq", scheme, state.params, config.bsq)
+  trainer = run.loop.trainer("bsq", scheme, state.params, config.bsq)
   for epoch in range(2):
     for state, _, _ in trainer.train_epoch(state, run.train, 0, epoch):
       pass
@@ -146,9 +148,9 @@ def test_scheme_change_compiles_once(finished_run, tmp_path):
                          jax.device_get(state.params))
   scheme2 = sch.scheme_of(params)
   assert scheme2 != scheme
-  state = run._fresh_momentum("bsq", scheme2, state._replace(params=params),
-                              config.bsq)
-  trainer2 = run.trainer("bsq", scheme2, params, config.bsq)
+  state = run.loop.fresh_momentum("bsq", scheme2,
+                                 state._replace(params=params), config.bsq)
+  trainer2 = run.loop.trainer("bsq", scheme2, params, config.bsq)
   assert trainer2 is not trainer
   for epoch in range(2):
     for state, _, _ in trainer2.train_epoch(state, run.train, 0, epoch):
