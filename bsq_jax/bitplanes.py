@@ -77,9 +77,24 @@ def _quantize_bwd(n, _, g):
 quantize_ste.defvjp(_quantize_fwd, _quantize_bwd)
 
 
+def _zero_weight(shape, dtype, scale: Array) -> Array:
+  """A precision-0 tensor's weight: +0 everywhere, zero gradient.
+
+  Made from an iota times zero, not as `zeros * scale`: XLA turns that into
+  the broadcast of one scalar, and XLA:CPU's YNNPACK fusion (jaxlib 0.10.2)
+  of a reduction and then a dot with such a broadcast operand (a global
+  average pool into a 0-bit dense layer) computes garbage, NaN or 1e30
+  logits that differ from call to call. An iota is no broadcast, and XLA
+  does not fold a float x * 0 (x could be NaN), so the dot gets an array.
+  """
+  size = int(np.prod(shape))
+  iota = jnp.arange(size, dtype=jnp.float32)  # finite: size < 3e38
+  return (iota * 0.0).reshape(shape).astype(dtype) * scale
+
+
 def _scaled(scale: Array, c: Array, n: int) -> Array:
   if n == 0:  # precision 0: the layer is all zero (and has zero gradient)
-    return jnp.zeros_like(c) * scale
+    return _zero_weight(jnp.shape(c), jnp.result_type(c), scale)
   return scale * quantize_ste(c, n)
 
 
@@ -87,7 +102,7 @@ def weight(planes: BitPlanes) -> Array:
   """The weight the forward pass uses: s * Q_n(clip(c, -1, 1)) (section 2)."""
   n = planes.pos.shape[-1]
   if n == 0:
-    return jnp.zeros(planes.pos.shape[:-1], jnp.float32) * planes.scale
+    return _zero_weight(planes.pos.shape[:-1], jnp.float32, planes.scale)
   return _scaled(planes.scale, unscaled(planes), n)
 
 

@@ -1,6 +1,7 @@
 """What a person reads: progress with ETA, a JSON-lines metrics file,
 TensorBoard scalars, per-layer precision after a host pass, and the summary
-table with the paper's columns. Only process 0 writes."""
+table with the paper's columns (and, where BSQ left all-zero tensors, how
+many, and BSQ's bits as finetuning counts them). Only process 0 writes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import jax
 from absl import logging
 
 SUMMARY_COLUMNS = ("stage", "average bits", "compression", "test accuracy")
+# Shown only when some stage has one: tensors at 0 bits in finetuning.
+ZERO_COLUMN = "all-zero tensors"
 
 
 class _DropLibraryChatter:
@@ -138,14 +141,52 @@ def precision_line(bits: Mapping[str, int]) -> str:
   return " ".join(f"{k.removesuffix('/kernel')}={v}" for k, v in bits.items())
 
 
-def summary_rows(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+def _last_records(records: Iterable[Mapping[str, Any]]
+                  ) -> Dict[str, Mapping[str, Any]]:
   """The last record of each stage, in run order."""
   last: Dict[str, Mapping[str, Any]] = {}
   for r in records:
     last[r["stage"]] = r
-  return [{"stage": s, "average bits": r.get("average_bits"),
-           "compression": r.get("compression"),
-           "test accuracy": r.get("test_accuracy")} for s, r in last.items()]
+  return last
+
+
+def _finetuned_bits(r: Mapping[str, Any]) -> Optional[float]:
+  """A bsq record's average bits as finetuning counts them, where that
+  differs from its own (1-bit all-zero tensors become 0 bits)."""
+  tuned = r.get("finetune_average_bits")
+  return None if tuned is None or tuned == r.get("average_bits") else tuned
+
+
+def summary_rows(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+  """The last record of each stage, in run order."""
+  rows = []
+  for s, r in _last_records(records).items():
+    bits, tuned = r.get("average_bits"), _finetuned_bits(r)
+    rows.append({
+        "stage": s,
+        "average bits": (bits if tuned is None else
+                         f"{_cell(bits)} ({_cell(tuned)} as finetuned)"),
+        "compression": r.get("compression"),
+        "test accuracy": r.get("test_accuracy"),
+        ZERO_COLUMN: (f"{r['zero_tensors']} of {len(r['bits'])}"
+                      if "zero_tensors" in r and r.get("bits") else None)})
+  return rows
+
+
+def summary_notes(records: Iterable[Mapping[str, Any]]) -> str:
+  """What the table cannot say: a bsq result whose all-zero 1-bit tensors
+  finetuning counts at 0 bits."""
+  notes = []
+  for s, r in _last_records(records).items():
+    tuned = _finetuned_bits(r)
+    if tuned is not None:
+      notes.append(
+          f"{s}: {r['zero_tensors']} of {len(r['bits'])} quantized tensors "
+          f"ended at 1 bit with no bit set. Finetuning holds them at 0 bits "
+          f"(all zero; spec section 10, step 5), so this scheme is "
+          f"{_cell(tuned)} average bits ({_cell(r['finetune_compression'])}x) "
+          f"in the stages that finetune it.")
+  return "".join(f"\n{n}\n" for n in notes)
 
 
 def _cell(v: Any) -> str:
@@ -167,7 +208,11 @@ def markdown_table(rows: List[Mapping[str, Any]],
 
 def write_summary(workdir: str, records: List[Mapping[str, Any]],
                   command: Optional[str] = None) -> str:
-  table = markdown_table(summary_rows(records))
+  rows = summary_rows(records)
+  zeros = any(r.get("zero_tensors") for r in _last_records(records).values())
+  table = (markdown_table(rows, SUMMARY_COLUMNS + ((ZERO_COLUMN,) if zeros
+                                                   else ()))
+           + summary_notes(records))
   if is_writer():
     with open(os.path.join(workdir, "summary.md"), "w") as f:
       if command:

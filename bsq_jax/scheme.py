@@ -115,6 +115,14 @@ def float_to_bsq(params: Params, scheme: Mapping[str, int]) -> Params:
                    params)
 
 
+def _finetune_bits(v: bp.BitPlanes) -> int:
+  """A bsq tensor's precision in finetuning: a 1-bit tensor with no bit set
+  is all zero and becomes 0 bits (spec section 10, step 5)."""
+  if v.bits == 1 and not np.any(bp.unscaled(_host(v), np)):
+    return 0
+  return v.bits
+
+
 def bsq_to_finetune(params: Params) -> Tuple[Params, Scheme]:
   """c from the planes (clipped to [-1, 1]); 1-bit all-zero tensors -> 0 bits."""
   scheme = {}
@@ -122,11 +130,22 @@ def bsq_to_finetune(params: Params) -> Tuple[Params, Scheme]:
     if not isinstance(v, bp.BitPlanes):
       return v
     v = _host(v)
+    scheme[path] = _finetune_bits(v)
     c = np.clip(bp.unscaled(v, np), -1.0, 1.0).astype(np.float32)
-    n = v.bits
-    scheme[path] = 0 if (n == 1 and not np.any(c)) else n
     return bp.Levels(c=c, scale=v.scale)
   return map_nodes(convert, params), scheme
+
+
+def finetune_scheme(params: Params) -> Scheme:
+  """The scheme `bsq_to_finetune` gives bsq params, without converting them
+  (only the 1-bit tensors are read)."""
+  return {p: _finetune_bits(v) for p, v in quantized(params)
+          if isinstance(v, bp.BitPlanes)}
+
+
+def zero_tensors(scheme: Mapping[str, int]) -> Tuple[str, ...]:
+  """The tensors a scheme holds at 0 bits: all zero, nothing stored."""
+  return tuple(k for k, n in scheme.items() if n == 0)
 
 
 def finetune_to_bsq(params: Params, scheme: Mapping[str, int]) -> Params:

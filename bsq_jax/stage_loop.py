@@ -12,6 +12,8 @@ checkpoint. Each epoch it
 - tests every `eval_every` epochs and always at the last;
 - writes one record to the metrics file and the log, and a checkpoint whose
   metadata lets the epoch resume exactly (the controller included).
+A record of a quantized model counts the tensors finetuning holds at 0 bits
+(all zero), and the run warns once if BSQ left every quantized weight so.
 
 It knows nothing of which stage follows which: what each stage starts from
 and produces is bsq_jax/stages.py's.
@@ -58,6 +60,7 @@ class StageLoop:
     self.devices, self.train_data, self.test_data = devices, train, test
     self.metrics = report.MetricsLog(workdir)
     self._trainers: Dict[Any, Trainer] = {}
+    self._warned_empty = False  # `_warn_if_nothing_left`
 
   # -- models and trainers ----------------------------------------------------
 
@@ -108,12 +111,45 @@ class StageLoop:
 
   # -- records ----------------------------------------------------------------
 
-  def accounting(self, mode: str, params, scheme) -> Dict[str, Any]:
+  def accounting(self, mode: str, params, scheme,
+                 final: bool = False) -> Dict[str, Any]:
+    """The record's size fields. A quantized model's also count its tensors
+    at 0 bits in finetuning (`zero_tensors`): in bsq mode the 1-bit ones
+    with no bit set, which finetuning holds at 0 bits (spec section 10,
+    step 5); bsq mode adds that scheme's `finetune_average_bits` and
+    `finetune_compression`, which can be far below its own. `final`: the
+    scheme is the one finetuning will take (the bsq stage's last)."""
     if mode == "float":
       return {"average_bits": 32.0, "compression": 1.0}
     acc = sch.account(params, scheme if mode == "finetune" else None)
-    return {"average_bits": acc.average_bits, "compression": acc.compression,
-            "bits": acc.bits}
+    tuned = (acc if mode == "finetune" else
+             sch.account(params, sch.finetune_scheme(params)))
+    zero = sch.zero_tensors(tuned.bits)
+    if final or mode == "finetune":
+      self._warn_if_nothing_left(zero, tuned.bits)
+    record = {"average_bits": acc.average_bits,
+              "compression": acc.compression, "bits": acc.bits,
+              "zero_tensors": len(zero)}
+    if mode == "bsq":
+      record.update(finetune_average_bits=tuned.average_bits,
+                    finetune_compression=tuned.compression)
+    return record
+
+  def _warn_if_nothing_left(self, zero, bits) -> None:
+    """Once per run: every quantized weight (a bias aside) is all zero."""
+    weights = [k for k in bits if k.rsplit("/", 1)[-1] != "bias"]
+    if self._warned_empty or not weights or not set(weights) <= set(zero):
+      return
+    self._warned_empty = True
+    left = {k: n for k, n in bits.items() if n}
+    logging.warning(
+        "BSQ left nothing to quantize: every quantized weight tensor is all "
+        "zero (%d of %d quantized tensors at 0 bits%s). Finetuning keeps "
+        "them zero, so the finetune, scratch and hawq results are of a model "
+        "without those layers. Run BSQ again with a lower alpha (bsq.alpha) "
+        "or a size to reach (bsq.target_bits or bsq.target_kbytes).",
+        len(zero), len(bits),
+        f"; only {report.precision_line(left)} is left" if left else "")
 
   def evaluate(self, trainer: Trainer, state: TrainState) -> Dict[str, float]:
     return trainer.evaluate(state, self.test_data)
@@ -192,7 +228,7 @@ class StageLoop:
       record = dict(stage=stage, epoch=epoch + 1, lr=lr_at(sched, epoch),
                     alpha=alpha, **train_metrics,
                     **(self.evaluate(trainer, state) if tested else {}),
-                    **self.accounting(mode, state.params, scheme),
+                    **self.accounting(mode, state.params, scheme, finished),
                     **{k: v for k, v in extra.items() if k != "budget"})
       self.log_epoch(record)
       if controller is not None:  # alpha per epoch on the progress line too

@@ -97,6 +97,32 @@ def test_weight_at_precision_zero_is_zero_without_nan():
   assert float(bp.group_lasso(planes)) == 0.0
 
 
+@pytest.mark.parametrize("mode", ["finetune", "bsq"])
+def test_precision_zero_dense_after_a_pool_gives_its_bias_under_jit(mode):
+  """A 0-bit dense layer after a global average pool, jitted: the output
+  is the bias, every call. With `zeros * scale` as the weight, XLA:CPU's
+  YNNPACK fusion (jaxlib 0.10.2) of the pool and the dot returned garbage
+  here (NaN or 1e30 logits, a different one per call): the finetune test
+  loss of a run whose BSQ zeroed every layer read 0.0."""
+  scale = np.float32(0.002)
+  node = (bp.Levels(np.zeros((32, 10), np.float32), scale) if mode == "finetune"
+          else bp.BitPlanes(np.zeros((32, 10, 0), np.float32),
+                            np.zeros((32, 10, 0), np.float32), scale))
+  used = ((lambda v: bp.level_weight(v, 0)) if mode == "finetune"
+          else bp.weight)
+
+  @jax.jit
+  def head(x, node, bias):
+    pooled = jnp.mean(jnp.maximum(x, 0.1), axis=(1, 2))
+    return pooled @ used(node) + bias
+
+  x = np.random.default_rng(0).random((128, 8, 8, 32), np.float32)
+  bias = np.arange(10, dtype=np.float32)
+  for _ in range(5):
+    np.testing.assert_array_equal(head(x, node, bias),
+                                  np.broadcast_to(bias, (128, 10)))
+
+
 def test_weight_rounds_half_to_even_and_clips():
   # c = 1.5 / 3 = 0.5 -> 0.5 * 3 = 1.5 rounds to 2; c > 1 is clipped.
   planes = bp.BitPlanes(np.array([[0.75, 0.0], [2.0, 2.0]], np.float32),

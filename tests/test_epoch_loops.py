@@ -6,12 +6,17 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from bsq_jax import augment
+from bsq_jax import scheme as sch
 from bsq_jax.epoch import AXIS, Trainer, put_dataset
 from bsq_jax.layers import Quant
 from bsq_jax.models import build_model
+from bsq_jax.step import TrainState
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "benchmarks"))
@@ -132,3 +137,33 @@ def _assert_eval_equal(got, want):
     assert got == want
   else:
     assert got == pytest.approx(want, rel=SUMS_RTOL)
+
+
+def test_eval_of_a_model_with_every_layer_at_0_bits_is_its_loss():
+  """Every quantized tensor at 0 bits (what too strong an alpha leaves): the
+  test loss `evaluate` gives is the model's own, computed op by op, at every
+  call. It was NaN, 0.0 or right from one call to the next on XLA:CPU with
+  jaxlib 0.10.2, whose fusion of the pool and the 0-bit dense layer read
+  garbage (bitplanes._zero_weight); these shapes (width 8, one device, test
+  batches of 128) are the smoke config's, where it showed."""
+  cfg = dict(CFG, width=8, image_size=32)
+  sample = jnp.zeros((1, 32, 32, 3))
+  scheme = {n: 0 for n in build_model(cfg).quantized_names(sample)}
+  model = build_model(cfg, Quant("finetune", scheme))
+  variables = model.init(jax.random.key(0), sample)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, (256,))
+  device = jax.local_devices()[:1]
+  test = put_dataset(images, labels, (0.5,) * 3, (0.25,) * 3, device)
+  trainer = Trainer(build_model(cfg, Quant("finetune", scheme), AXIS),
+                    optax.sgd(0.1), sch.roles(variables["params"]), 1, 64,
+                    128, False, device)
+  state = TrainState(variables["params"], variables["batch_stats"], ())
+  logits = model.apply(variables, augment.normalize(images, test.mean,
+                                                    test.std))
+  want = float(np.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits, labels)))
+  for _ in range(3):
+    assert trainer.evaluate(state, test)["test_loss"] == pytest.approx(
+        want, rel=1e-5)

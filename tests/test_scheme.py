@@ -123,6 +123,12 @@ def test_one_bit_all_zero_layer_becomes_precision_zero():
       params)
   ft, scheme = sch.bsq_to_finetune(params)
   assert scheme[name] == 0 and scheme["conv1/kernel"] == 1
+  # The same scheme, read without converting (the records' `zero_tensors`).
+  assert sch.finetune_scheme(params) == scheme
+  # fc/bias starts at zero, so it too is a 1-bit tensor with no bit set.
+  assert sch.zero_tensors(scheme) == (name, "fc/bias")
+  eight = init("bsq")[1]["params"]  # only 1-bit tensors can become 0 bits
+  assert sch.finetune_scheme(eight) == sch.scheme_of(eight)
   model = build_model(TINY, Quant("finetune", scheme))
   out = model.apply(dict(variables, params=ft), X)
   assert np.all(np.isfinite(np.asarray(out)))

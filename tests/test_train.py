@@ -1,6 +1,7 @@
 """The pipeline end to end on synthetic data, on 8 forced CPU devices."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -8,8 +9,10 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
+from bsq_jax import augment
 from bsq_jax import bitplanes as bp
 from bsq_jax import scheme as sch
 from bsq_jax.checkpoint import load_result
@@ -182,6 +185,50 @@ def test_budget_mode_reaches_4_bits_from_8(finished_run, tmp_path):
   assert rep["final"] == pytest.approx(final["average_bits"])
   assert rep["met"] == (final["average_bits"] <= 4.0)
   assert rep["excess"] == pytest.approx(max(0.0, final["average_bits"] - 4.0))
+
+
+def test_bsq_that_zeroes_every_weight_says_so(finished_run, tmp_path,
+                                              caplog):
+  """alpha 2000 leaves every quantized weight tensor at 1 bit with no bit
+  set; finetuning holds them at 0 bits (spec section 10, step 5). One
+  warning says what happened and what to do, the records count the all-zero
+  tensors, the summary gives the bsq row's bits as finetuned, and the test
+  loss is the model's (XLA:CPU once computed 0.0 for it: see
+  test_bitplanes' precision-zero test)."""
+  workdir = copy_run(finished_run[0], tmp_path / "run")
+  config = tiny_config(**{"stages": "bsq,finetune,scratch",
+                          "bsq.alpha": 2000.0})
+  with caplog.at_level(logging.WARNING):
+    table = train_and_evaluate(config, workdir)
+  warned = [r.getMessage() for r in caplog.records
+            if "BSQ left nothing to quantize" in r.getMessage()]
+  assert len(warned) == 1 and "lower alpha (bsq.alpha)" in warned[0]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    last = {r["stage"]: r for r in map(json.loads, f)}
+  bsq = last["bsq"]
+  weights = [k for k in bsq["bits"] if not k.endswith("/bias")]
+  assert all(bsq["bits"][k] == 1 for k in weights)
+  assert bsq["zero_tensors"] >= len(weights)
+  assert bsq["finetune_average_bits"] < bsq["average_bits"]
+  shown = (f"| bsq | {bsq['average_bits']:.2f} "
+           f"({bsq['finetune_average_bits']:.4f} as finetuned) |")
+  assert shown in table
+  assert (f"{bsq['zero_tensors']} of {len(bsq['bits'])} quantized tensors"
+          in table)
+  run = Run(config, workdir)  # finished: for its test set and models only
+  images = augment.normalize(np.asarray(run.test.images.addressable_data(0)),
+                             run.test.mean, run.test.std)
+  labels = np.asarray(run.test.labels.addressable_data(0))
+  for stage in ("finetune", "scratch"):
+    record, result = last[stage], load_result(workdir, stage)
+    assert record["zero_tensors"] == bsq["zero_tensors"]
+    assert record["average_bits"] == bsq["finetune_average_bits"]
+    # Op by op, outside jit: no fusion of XLA's between the layers.
+    logits = run.loop.model("finetune", result.scheme).apply(
+        result.variables, images)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    assert record["test_loss"] == pytest.approx(float(np.mean(loss)),
+                                                rel=1e-5)
 
 
 def test_uniform_baseline_and_eval_every(finished_run, tmp_path):
