@@ -231,8 +231,8 @@ def log_times(lines, year: int):
 def stage_times(events, t_start: float, t_end: float) -> dict:
   """Wall seconds per stage, from main.py's `stage NAME` lines; `startup`
   is the time before the first stage (imports, data onto the device)."""
-  starts = [(t, msg.split()[1]) for t, where, msg in events
-            if where == "train.py" and re.fullmatch(r"stage \w+", msg)]
+  starts = [(t, msg.split()[1]) for t, _, msg in events
+            if re.fullmatch(r"stage \w+", msg)]
   out = {"startup": (starts[0][0] if starts else t_end) - t_start}
   for i, (t, name) in enumerate(starts):
     out[name] = (starts[i + 1][0] if i + 1 < len(starts) else t_end) - t
@@ -241,12 +241,14 @@ def stage_times(events, t_start: float, t_end: float) -> dict:
 
 def epoch_lines(events) -> list:
   """main.py's per-epoch lines with seconds since the previous line of this
-  kind (the first of a stage counts from the stage's start: compile too)."""
+  kind (the first of a stage counts from the stage's start: compile too).
+  Matched by message, not by the module that logs it (stages.py and
+  stage_loop.py since the split of train.py)."""
   out, last = [], None
-  for t, where, msg in events:
-    if where == "train.py" and re.fullmatch(r"stage \w+", msg):
+  for t, _, msg in events:
+    if re.fullmatch(r"stage \w+", msg):
       last = t
-    elif where == "train.py" and re.match(r"\w+ epoch \d+:", msg):
+    elif re.match(r"\w+ epoch \d+:", msg):
       out.append({"s": t - last if last else None, "line": msg[:90]})
       last = t
   return out
