@@ -122,8 +122,10 @@ class StageLoop:
     if mode == "float":
       return {"average_bits": 32.0, "compression": 1.0}
     acc = sch.account(params, scheme if mode == "finetune" else None)
-    tuned = (acc if mode == "finetune" else
-             sch.account(params, sch.finetune_scheme(params)))
+    tuned = acc
+    if mode == "bsq":  # accounted again only if finetuning drops a tensor
+      fs = sch.finetune_scheme(params)
+      tuned = acc if fs == acc.bits else sch.account(params, fs)
     zero = sch.zero_tensors(tuned.bits)
     if final or mode == "finetune":
       self._warn_if_nothing_left(zero, tuned.bits)

@@ -82,11 +82,12 @@ def commands(text: str) -> List[List[str]]:
 
 
 def documented():
+  """(doc, words) of every command, each once per document."""
   out = []
   for doc in DOCS:
     with open(os.path.join(ROOT, doc)) as f:
       for words in commands(f.read()):
-        if words not in [w for _, w in out if _ == doc]:
+        if (doc, words) not in out:
           out.append((doc, words))
   return out
 
