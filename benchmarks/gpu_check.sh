@@ -136,8 +136,10 @@ if [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
 fi
 if [ "$TEST_S" -gt 10 ]; then
   # shellcheck disable=SC2086
+  # -o addopts: not pyproject's `-n auto`, which needs pytest-xdist (not
+  # always on that machine) and would start workers for the dry run's few.
   env "${TEST_ENV[@]}" timeout "$TEST_S" "$PY" -m pytest -v -p no:cacheprovider \
-    $XDIST $TESTS > "$OUT/tests.log" 2>&1
+    -o addopts= $XDIST $TESTS > "$OUT/tests.log" 2>&1
   rc=$?
   [ "$rc" = 124 ] && TIMED_OUT=--tests-timed-out
   tail -n 3 "$OUT/tests.log"

@@ -28,7 +28,7 @@ import speed  # pylint: disable=wrong-import-position  # the three modes' set-up
 CFG = {"name": "cifar_resnet", "depth": 8, "num_classes": 10, "act_bits": 4,
        "width": 4, "channels": 3, "image_size": 16}
 BATCH, STEPS, TEST = 16, 4, 40
-TRAIN_CHUNKS = (1, 3, STEPS)   # 3: a chunk of 3, then one of 1
+TRAIN_CHUNKS = (1, 3)   # 3: a chunk of 3, then one of 1 (two compiles)
 EVAL_CHUNKS = (1, 2, 3)        # 2: the second dispatch is half padding
 
 # Not exact: XLA compiles the step inside the while loop's body a little
@@ -115,7 +115,7 @@ def test_scan_epoch_equals_straight_line(setup, mode):
     assert sums.keys() == want_sums.keys()
     for k in sums:
       assert sums[k] == pytest.approx(want_sums[k], rel=SUMS_RTOL), (k, chunk)
-  assert trainers["scan"].traces == len({1, 3, STEPS})  # one per chunk length
+  assert trainers["scan"].traces == len({1, 3})  # one per chunk length
 
 
 @pytest.mark.parametrize("mode", ["float", "bsq", "finetune"])
