@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 PROGRAMS = ("python", "python3", "pip", "pytest", "apt-get", "bash")
+# pytest options whose next word is their value, not a test path.
+PYTEST_VALUED = ("-n", "-k", "-m", "-p", "-o", "--dist", "--durations")
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S*$")
 INLINE_CODE = re.compile(r"`([^`\n]+)`")
 
@@ -195,8 +197,8 @@ def check(words: List[str]) -> None:
   elif prog == "apt-get":
     check_apt(args)
   elif prog == "pytest":
-    for a in args:
-      if not a.startswith("-"):
+    for prev, a in zip([""] + args, args):
+      if not a.startswith("-") and prev not in PYTEST_VALUED:
         assert os.path.exists(os.path.join(ROOT, a.split("::")[0])), a
   elif prog == "bash":
     check_bash(args)
@@ -220,7 +222,8 @@ def test_a_wrong_command_is_caught(monkeypatch):
       ["python", "-m", "bsq_jax.inspect_model", "x.bsq", "--plot", "p"],
       ["python", "benchmarks/sweep.py", "--preset", "gpu"],
       ["apt-get", "install", "-y", "libjemalloc2"],
-      ["pip", "install", "jax[cuda12]==0.9.0"]):
+      ["pip", "install", "jax[cuda12]==0.9.0"],
+      ["pytest", "-n", "0", "tests/test_nope.py"]):
     # The errors main.py's parse_flags turns into its one line, and ours.
     with pytest.raises((AssertionError, flags.Error, ValueError, TypeError,
                         AttributeError, KeyError, OSError)):
