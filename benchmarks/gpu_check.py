@@ -213,25 +213,25 @@ def _fake_fashion_mnist() -> str:
   folder = tempfile.mkdtemp(prefix="gpu_check_fmnist_")
   write_fmnist(folder, n_train=64, n_test=32)
   return folder
-_LOG = re.compile(r"^[IWEF](\d{4}) (\d\d:\d\d:\d\d\.\d+)\s+\d+ (\S+):\d+\] (.*)$")
+_LOG = re.compile(r"^[IWEF](\d{4}) (\d\d:\d\d:\d\d\.\d+)\s+\d+ \S+:\d+\] (.*)$")
 
 
 def log_times(lines, year: int):
-  """(seconds, file, message) of each absl log line, from its time stamp."""
+  """(seconds, message) of each absl log line, from its time stamp."""
   out = []
   for line in lines:
     m = _LOG.match(line)
     if m:
       stamp = datetime.strptime(f"{year}{m.group(1)} {m.group(2)}",
                                 "%Y%m%d %H:%M:%S.%f")
-      out.append((stamp.timestamp(), m.group(3), m.group(4)))
+      out.append((stamp.timestamp(), m.group(3)))
   return out
 
 
 def stage_times(events, t_start: float, t_end: float) -> dict:
   """Wall seconds per stage, from main.py's `stage NAME` lines; `startup`
   is the time before the first stage (imports, data onto the device)."""
-  starts = [(t, msg.split()[1]) for t, _, msg in events
+  starts = [(t, msg.split()[1]) for t, msg in events
             if re.fullmatch(r"stage \w+", msg)]
   out = {"startup": (starts[0][0] if starts else t_end) - t_start}
   for i, (t, name) in enumerate(starts):
@@ -245,7 +245,7 @@ def epoch_lines(events) -> list:
   Matched by message, not by the module that logs it (stages.py and
   stage_loop.py since the split of train.py)."""
   out, last = [], None
-  for t, _, msg in events:
+  for t, msg in events:
     if re.fullmatch(r"stage \w+", msg):
       last = t
     elif re.match(r"\w+ epoch \d+:", msg):

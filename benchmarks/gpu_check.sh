@@ -135,9 +135,9 @@ if [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
   XDIST="-n 4 --dist loadfile"
 fi
 if [ "$TEST_S" -gt 10 ]; then
-  # shellcheck disable=SC2086
   # -o addopts: not pyproject's `-n auto`, which needs pytest-xdist (not
   # always on that machine) and would start workers for the dry run's few.
+  # shellcheck disable=SC2086
   env "${TEST_ENV[@]}" timeout "$TEST_S" "$PY" -m pytest -v -p no:cacheprovider \
     -o addopts= $XDIST $TESTS > "$OUT/tests.log" 2>&1
   rc=$?

@@ -26,6 +26,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
       prefix="bsq_jax_xla_cache_")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+
 def pytest_unconfigure(config):  # pylint: disable=unused-argument
   if _OWN_CACHE:
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
