@@ -9,7 +9,6 @@ import importlib
 import json
 import os
 import sys
-import threading
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
@@ -71,11 +70,22 @@ class Progress:
     return time.time() - self.start
 
 
-def _import_tensorboardx():
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch whenever it is installed, only to accept torch
+  tensors; that costs 3-15 s of CPU per process (more than a tiny run's
+  whole stage), and this log writes floats. A None in sys.modules makes
+  tensorboardX's `import torch` fail as if torch were absent; the entry is
+  removed afterwards, so the user's own `import torch` still works."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None
   try:
-    importlib.import_module("tensorboardX")
-  except ImportError:
-    pass
+    return importlib.import_module("tensorboardX").SummaryWriter
+  finally:
+    if hide and sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
 
 
 class MetricsLog:
@@ -85,12 +95,6 @@ class MetricsLog:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     self._tb_dir = os.path.join(workdir, "tensorboard")
-    # tensorboardX imports torch when it is installed (3.5 s here); importing
-    # it beside the first compile, which releases the GIL, hides that.
-    self._tb_import = threading.Thread(target=_import_tensorboardx,
-                                       daemon=True)
-    if is_writer():
-      self._tb_import.start()
 
   def forget_after(self, stage: str, epoch: int) -> None:
     """Drops records of `stage` past `epoch`: a resumed run redoes them."""
@@ -113,10 +117,7 @@ class MetricsLog:
   def _scalars(self, record: Mapping[str, Any]) -> None:
     try:
       if self._tb is None:
-        if self._tb_import.is_alive():
-          self._tb_import.join()
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(self._tb_dir)
+        self._tb = _summary_writer_class()(self._tb_dir)
     except ImportError:
       return
     step = record.get("global_epoch", record.get("epoch", 0))

@@ -1,6 +1,16 @@
 """The summary table: a person reads it, so what it shows is tested here."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
 from bsq_jax import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BITS = {"conv/kernel": 1, "fc/kernel": 1, "fc/bias": 6}
 
@@ -46,3 +56,27 @@ def test_summary_shows_all_zero_tensors_and_bsq_bits_as_finetuned(tmp_path):
                          "no bit set. Finetuning holds them at 0 bits")
   assert "0.0032 average bits (10000.00x)" in note
   assert (tmp_path / "summary.md").read_text() == table
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None or
+                    importlib.util.find_spec("tensorboardX") is None,
+                    reason="needs torch and tensorboardX installed")
+def test_scalars_are_written_without_importing_torch(tmp_path):
+  """tensorboardX imports torch whenever it is installed (seconds of CPU per
+  run); the metrics log hides it for that import only. A fresh process,
+  since another test may have imported torch here."""
+  code = textwrap.dedent(f"""
+      import os, sys
+      from bsq_jax import report
+      log = report.MetricsLog({str(tmp_path)!r})
+      log.write({{"stage": "bsq", "epoch": 1, "test_loss": 0.5}})
+      log.close()
+      print("torch" in sys.modules, os.listdir({str(tmp_path / "tensorboard")!r}))
+      import torch
+      print(torch.zeros(2).sum().item())
+      """)
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                       capture_output=True, text=True).stdout.splitlines()
+  hidden, files = out[0].split(" ", 1)
+  assert hidden == "False" and "events.out.tfevents" in files
+  assert out[1] == "0.0"  # the user's own import of torch still works
