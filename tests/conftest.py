@@ -24,6 +24,10 @@ _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
       prefix="bsq_jax_xla_cache_")
+# JAX keeps executables that took 1 s to compile; the tiny models' test
+# steps (0.3-1 s each) are compiled again in every process without this.
+# Not 0: thousands of op-by-op compiles then cost more to write than to redo.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
