@@ -84,7 +84,7 @@ def _summary_writer_class():
   try:
     return importlib.import_module("tensorboardX").SummaryWriter
   finally:
-    if hide and sys.modules.get("torch", 0) is None:
+    if hide:  # still None: the None made every import of torch fail
       del sys.modules["torch"]
 
 
