@@ -45,20 +45,23 @@ def _use_cpu_kernel_grad() -> bool:
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None):
+                         precision=None, preferred_element_type=None,
+                         **extra):
   """`jax.lax.conv_general_dilated`, with the per-tap kernel gradient on CPU
-  for the plain 2-D NHWC x HWIO case."""
+  for the plain 2-D NHWC x HWIO case. `extra`: newer arguments of lax's
+  (NNX's Conv passes `out_sharding`), passed on to it."""
   plain = (lhs.ndim == 4 and _is_nhwc_hwio(dimension_numbers, lhs, rhs)
            and all(d == 1 for d in (lhs_dilation or (1, 1)))
            and all(d == 1 for d in (rhs_dilation or (1, 1)))
            and feature_group_count == 1 and batch_group_count == 1
            and precision is None and preferred_element_type is None
+           and all(v is None for v in extra.values())
            and len(set(window_strides)) == 1)
   if not (plain and _use_cpu_kernel_grad()):
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
         dimension_numbers, feature_group_count, batch_group_count, precision,
-        preferred_element_type)
+        preferred_element_type, **extra)
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2],
                                       window_strides, padding)

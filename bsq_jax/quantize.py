@@ -29,29 +29,38 @@ model: the stored form and the float form differ only at the selected
 leaves, and a tree map over those is the whole of it. It needs no lifted
 transform, keeps every parameter path as the model names it (checkpoints and
 exported files of the earlier built-in models load unchanged), and works the
-same for an NNX model through `flax.nnx.bridge.ToLinen` (`from_nnx`).
+same for an NNX module through `bsq_jax.nnx_model.NNXModel` (`from_nnx`).
+An NNX module has no interceptor; its adapter sets BatchNorm's axis and
+the convolution itself, and activation rules are refused for it.
+
+`scale_grad` "lsq" (the default) scales the gradient of every quantized
+tensor's scale by 1/sqrt(m K(n)) (`bitplanes.lsq_factor`): without it a
+large layer's one scale diverges at ordinary learning rates. The paper's
+built-in models keep the authors' "none".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bsq_jax import bitplanes as bp
 from bsq_jax import conv
 from bsq_jax import layers
 from bsq_jax import scheme as sch
 from bsq_jax.layers import Quant
+from bsq_jax.nnx_model import NNXModel, call_kwargs, signature_of
 from bsq_jax.rules import RuleError, Rules
 
-# Names a model's __call__ may give its training flag; "deterministic" is
-# the inverse (Flax's Dropout and attention use it).
-_TRAIN_ARGS = ("train", "training", "is_training")
+# How a quantized tensor's scale is trained: "lsq" scales its gradient by
+# 1/sqrt(m K(n)) (`bitplanes.lsq_factor`), the default for any model;
+# "none" is the authors' release, which the paper's built-in models keep.
+SCALE_GRADS = ("lsq", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,16 @@ class QuantizedModel:
   rules: Rules = Rules()
   quant: Quant = Quant()
   axis_name: Optional[str] = None
+  scale_grad: str = "lsq"
+
+  def __post_init__(self):
+    if self.scale_grad not in SCALE_GRADS:
+      raise ValueError(f"scale_grad: expected one of {SCALE_GRADS}, got "
+                       f"{self.scale_grad!r}")
+    if isinstance(self.model, NNXModel) and self.rules.acts:
+      raise RuleError("activation rules: an NNX module's calls cannot be "
+                      "intercepted as linen's are; quantize its weights only "
+                      "(no acts), or write the model in linen")
 
   def clone(self, **changes) -> "QuantizedModel":
     return dataclasses.replace(self, **changes)
@@ -115,9 +134,13 @@ class QuantizedModel:
     variables["params"] = sch.map_nodes(self._used, variables["params"])
     if not variables.get("batch_stats"):
       variables.pop("batch_stats", None)
-    with nn.intercept_methods(self._interceptor(train)):
-      out = self.model.apply(variables, *args, mutable=mutable, rngs=rngs,
-                             **self._call_kwargs(train, kwargs))
+    if isinstance(self.model, NNXModel):
+      out = self.model.apply(variables, *args, train=train, mutable=mutable,
+                             rngs=rngs, axis_name=self.axis_name, **kwargs)
+    else:
+      with nn.intercept_methods(self._interceptor(train)):
+        out = self.model.apply(variables, *args, mutable=mutable, rngs=rngs,
+                               **self._call_kwargs(train, kwargs))
     if mutable is False:
       return out
     out, updates = out
@@ -129,11 +152,12 @@ class QuantizedModel:
   def _float_init(self, rngs, args, kwargs, train: bool,
                   owners: Dict[str, type]) -> Dict[str, Any]:
     """The model's own init; fills `owners` with the modules it met."""
+    if isinstance(self.model, NNXModel):
+      owners.update(self.model.owners())
+      return dict(self.model.init(rngs, *args, **kwargs))
     with nn.intercept_methods(self._interceptor(False, owners)):
-      variables = dict(self.model.init(rngs, *args,
-                                       **self._call_kwargs(train, kwargs)))
-    owners.update(_nnx_owners(self.model))
-    return variables
+      return dict(self.model.init(rngs, *args,
+                                  **self._call_kwargs(train, kwargs)))
 
   # -- the stored form --------------------------------------------------------
 
@@ -145,16 +169,27 @@ class QuantizedModel:
     return bp.Levels(c=w / jnp.where(s > 0, s, 1.0), scale=s)
 
   def _used(self, path: str, node):
-    """The float weight a stored tensor stands for (section 2)."""
+    """The float weight a stored tensor stands for (section 2). In bsq
+    mode without a scheme, planes of any precision are taken as they are."""
     if isinstance(node, bp.BitPlanes):
-      n = self.quant.bits(path) if self.quant.mode == "bsq" else node.bits
+      n = (self.quant.bits(path) if self.quant.mode == "bsq" and
+           self.quant.scheme is not None else node.bits)
       if node.bits != n:
         raise ValueError(f"{path}: planes have shape {node.pos.shape}, the "
                          f"scheme expects {node.pos.shape[:-1] + (n,)}")
-      return bp.weight(node)
+      return bp.weight(self._scale_grad(node, node.pos.shape[:-1], n))
     if isinstance(node, bp.Levels):
-      return bp.level_weight(node, self.quant.bits(path))
+      n = self.quant.bits(path)
+      return bp.level_weight(self._scale_grad(node, jnp.shape(node.c), n), n)
     return node
+
+  def _scale_grad(self, node, shape, n: int):
+    """`node` with LSQ's gradient scale on its scale (`bitplanes.lsq_factor`)
+    where `scale_grad` asks for it."""
+    if self.scale_grad == "none" or n == 0:
+      return node
+    factor = bp.lsq_factor(int(np.prod(shape)), n)
+    return node._replace(scale=bp.scale_gradient(node.scale, factor))
 
   # -- reaching into the model at call time -----------------------------------
 
@@ -179,15 +214,7 @@ class QuantizedModel:
 
   def _call_kwargs(self, train: bool, kwargs: Mapping) -> Dict[str, Any]:
     """`kwargs` plus the training flag, under the name the model takes."""
-    params = _call_params(self.model)
-    out = dict(kwargs)
-    for name in _TRAIN_ARGS:
-      if name in params:
-        out[name] = train
-        return out
-    if "deterministic" in params:
-      out["deterministic"] = not train
-    return out
+    return call_kwargs(signature_of(type(self.model).__call__), train, kwargs)
 
 
 def _adapt(module: nn.Module, train: bool, axis_name: Optional[str]) -> None:
@@ -201,46 +228,8 @@ def _adapt(module: nn.Module, train: bool, axis_name: Optional[str]) -> None:
                        conv.conv_general_dilated)
 
 
-def _call_params(model) -> Tuple[str, ...]:
-  """Argument names of the model's __call__ (a bridged NNX model's own)."""
-  cls = getattr(model, "nnx_class", type(model))
-  try:
-    return tuple(inspect.signature(cls.__call__).parameters)
-  except (TypeError, ValueError):
-    return ()
-
-
-# --------------------------------------------------------------------------
-# Flax NNX, through the bridge.
-
-
 def from_nnx(nnx_class, *args, rules: Rules = Rules(), quant: Quant = Quant(),
              **kwargs) -> QuantizedModel:
   """An `nnx.Module` class and its constructor arguments (without `rngs`),
-  as a QuantizedModel. Weight rules work as for linen; activation rules
-  cannot reach inside an NNX module (no interceptor there), so they are
-  refused."""
-  from flax.nnx import bridge  # pylint: disable=import-outside-toplevel
-  if rules.acts:
-    raise RuleError("activation rules: an NNX model cannot be intercepted "
-                    "at call time; quantize its weights only (no acts)")
-  return QuantizedModel(bridge.ToLinen(nnx_class, args=args,
-                                       kwargs=dict(kwargs)), rules, quant)
-
-
-def _nnx_owners(model) -> Dict[str, type]:
-  """Module classes inside a bridged NNX model, as their linen equivalents
-  (the rules' LINEAR_LAYERS), by path."""
-  if not hasattr(model, "nnx_class"):
-    return {}
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  same = {nnx.Conv: nn.Conv, nnx.ConvTranspose: nn.ConvTranspose,
-          nnx.Linear: nn.Dense, nnx.LinearGeneral: nn.DenseGeneral,
-          nnx.Einsum: nn.Einsum}
-  abstract = nnx.eval_shape(lambda: model.nnx_class(
-      *model.args, rngs=nnx.Rngs(0), **dict(model.kwargs)))
-  out = {}
-  for path, node in nnx.iter_graph(abstract):
-    if isinstance(node, nnx.Module):
-      out["/".join(str(p) for p in path)] = same.get(type(node), type(node))
-  return out
+  as a QuantizedModel (`bsq_jax.nnx_model`)."""
+  return QuantizedModel(NNXModel(nnx_class, args, dict(kwargs)), rules, quant)

@@ -26,7 +26,7 @@ def _cifar_resnet(cfg: Mapping[str, Any], quant: Quant,
                                    width=cfg.get("width", 16))
   rules = cifar_resnet.rules(cfg["act_bits"],
                              cfg.get("quantize_shortcut", False))
-  return QuantizedModel(model, rules, quant, axis_name)
+  return QuantizedModel(model, rules, quant, axis_name, scale_grad="none")
 
 
 # name -> (constructor, input shape (H, W, C) without the batch axis)

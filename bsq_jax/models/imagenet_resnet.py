@@ -144,7 +144,7 @@ def from_config(cfg: Mapping[str, Any], quant: Quant,
       stage_sizes=tuple(cfg.get("stage_sizes", RESNET50_STAGES)))
   return QuantizedModel(
       model, rules(cfg["act_bits"], cfg.get("quantize_shortcut", True)),
-      quant, axis_name)
+      quant, axis_name, scale_grad="none")
 
 
 def config_input_shape(cfg: Mapping[str, Any]):

@@ -274,7 +274,8 @@ def from_config(cfg: Mapping[str, Any], quant: Quant,
       transform_input=cfg.get("transform_input", True),
       dropout_rate=cfg.get("dropout", 0.5),
       width_mult=cfg.get("width_mult", 1.0))
-  return QuantizedModel(model, rules(cfg["act_bits"]), quant, axis_name)
+  return QuantizedModel(model, rules(cfg["act_bits"]), quant, axis_name,
+                        scale_grad="none")
 
 
 def config_input_shape(cfg: Mapping[str, Any]):
