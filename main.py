@@ -15,6 +15,8 @@ from typing import List, Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from bsq_jax import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -28,7 +30,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS,
                                   lock_config=True, flag_values=fv,
                                   sys_argv=argv)
   flags.DEFINE_string("workdir", None, "Run folder; default workdirs/<config "
-                      "file name>.", flag_values=fv)
+                      "file name>, then -field=value for each --config "
+                      "override that changes results.", flag_values=fv)
   flags.DEFINE_string("coordinator_address", None, "Several hosts: process "
                       "0's host:port, the same on every process.",
                       flag_values=fv)
@@ -51,31 +54,8 @@ define_flags()
 
 
 def parse_flags(argv):
-  """Flag parsing with one-line errors (an unknown config field included)."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-  except (AttributeError, KeyError) as e:
-    # ml_collections raises these for an override of a field that does not
-    # exist; the rest (TypeError, ValueError) for a value of the wrong type.
-    message = f"the config has no field {str(e).strip(chr(34) + chr(39))!r}"
-  except (TypeError, ValueError) as e:
-    message = f"{type(e).__name__}: {e}"
-  override = [a for a in argv[1:] if a.startswith("--config.")]
-  print(f"error: bad --config override {' '.join(override)}: "
-        f"{message.splitlines()[0]}", file=sys.stderr)
-  sys.exit(1)
-
-
-def default_workdir(config_path: str) -> str:
-  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-  return os.path.join("workdirs", name)
-
-
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
+  """Flag parsing with one-line errors (bsq_jax/cli.py)."""
+  return cli.parse(FLAGS, argv)
 
 
 def start_processes(jax) -> None:
@@ -83,13 +63,13 @@ def start_processes(jax) -> None:
   missing = [f"--{n}" for n in ("num_processes", "process_id")
              if FLAGS[n].value is None]
   if missing:
-    fail(f"--coordinator_address needs {' and '.join(missing)}")
+    cli.fail(f"--coordinator_address needs {' and '.join(missing)}")
   n, i = FLAGS.num_processes, FLAGS.process_id
   if n < 1 or not 0 <= i < n:
-    fail(f"--process_id: expected 0 <= process_id < --num_processes ({n}), "
+    cli.fail(f"--process_id: expected 0 <= process_id < --num_processes ({n}), "
          f"got {i}")
   if FLAGS.init_timeout < 1:
-    fail(f"--init_timeout: expected seconds >= 1, got {FLAGS.init_timeout}")
+    cli.fail(f"--init_timeout: expected seconds >= 1, got {FLAGS.init_timeout}")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   # XLA aborts the process (no Python exception) when the processes do not
   # all arrive, e.g. a --num_processes that disagrees between hosts. So a
@@ -114,7 +94,9 @@ def main(argv, no_restart: str = "called in-process"):
   """The run; `no_restart`: why `run_as_program` did not restart it."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from bsq_jax import allocator  # pylint: disable=import-outside-toplevel
+  from bsq_jax import allocator, config_check, errors  # pylint: disable=import-outside-toplevel
+  with errors.one_line():  # validate first
+    config_check.check(FLAGS.config)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if FLAGS.config.xla_fast_compile:  # must be set before JAX starts
     flags_now = os.environ.get("XLA_FLAGS", "")
@@ -124,7 +106,7 @@ def main(argv, no_restart: str = "called in-process"):
                     "--xla_llvm_disable_expensive_passes=true")
         if f.split("=")[0] not in flags_now]).strip()
   import jax  # pylint: disable=import-outside-toplevel
-  from bsq_jax import errors, report, train  # pylint: disable=import-outside-toplevel
+  from bsq_jax import report, train  # pylint: disable=import-outside-toplevel
   report.quiet_libraries()
   if FLAGS.coordinator_address:
     start_processes(jax)
@@ -132,12 +114,13 @@ def main(argv, no_restart: str = "called in-process"):
   note = allocator.note(no_restart) if jax.default_backend() == "cpu" else None
   if note:
     (logging.warning if note[0] else logging.info)("%s", note[1])
-  workdir = FLAGS.workdir or default_workdir(
-      config_flags.get_config_filename(FLAGS["config"]))
+  workdir = FLAGS.workdir or cli.default_workdir(
+      config_flags.get_config_filename(FLAGS["config"]), FLAGS.config,
+      cli.overrides(sys.argv))
   logging.info("process %d of %d; local devices: %s; %d devices in all",
                jax.process_index(), jax.process_count(), jax.local_devices(),
                jax.device_count())
-  logging.info("workdir %s; config:\n%s", workdir, FLAGS.config)
+  logging.info("workdir %s; the config is in its config.json", workdir)
   command = " ".join(shlex.quote(a) for a in sys.argv)
   with errors.one_line():
     table = train.train_and_evaluate(FLAGS.config, workdir, command)
@@ -147,10 +130,18 @@ def main(argv, no_restart: str = "called in-process"):
 
 def run_as_program(argv):
   """main() for `python main.py`: first, before JAX starts, maybe replace
-  this process with itself under tcmalloc (not when a test calls main())."""
+  this process with itself under tcmalloc (not when a test calls main()).
+  Quiet unless --verbosity asks: what a person reads is the run's progress
+  (bsq_jax/report.py), the table and one line for any error."""
   from bsq_jax import allocator  # pylint: disable=import-outside-toplevel
-  main(argv, allocator.restart_under_tcmalloc(logging.info)
-       if FLAGS.tcmalloc else "--notcmalloc")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    main(argv, allocator.restart_under_tcmalloc(logging.info)
+         if FLAGS.tcmalloc else "--notcmalloc")
+  except KeyboardInterrupt as e:  # a stage's says what it saved
+    cli.fail(str(e) or "interrupted; the epochs saved so far are kept, and "
+             "the same command resumes from them", 130)
 
 
 if __name__ == "__main__":

@@ -261,9 +261,10 @@ def pipeline(args) -> None:
   # Not under --out: the checkpoints would come back with the report.
   workdir = os.path.join(args.workdir or tempfile.mkdtemp(prefix="gpu_check_"),
                          "fmnist_run")
+  # --verbosity=0: the absl log lines that stage_times and epoch_lines read.
   cmd = [sys.executable, "main.py", "--config=configs/fashion_mnist_resnet20.py",
          f"--workdir={workdir}", f"--config.data.fashion_mnist_dir={fashion}",
-         *flags]
+         "--verbosity=0", *flags]
   R = {"command": " ".join(cmd[1:]), "python": "python"}
   _write(args.out, "pipeline.json", R)
   t_start = time.time()

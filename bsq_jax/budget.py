@@ -84,8 +84,9 @@ def check_budget_fields(alpha_set_explicitly: bool,
   field = "bsq.target_bits" if target_bits is not None else "bsq.target_kbytes"
   if alpha_set_explicitly:
     raise ValueError(f"bsq.alpha and {field}: set either a fixed alpha or a "
-                     f"target, not both (in budget mode the controller sets "
-                     f"alpha)")
+                     f"target, not both (the target sets alpha); unset alpha "
+                     f"with --config.bsq.alpha=None, or config.bsq.alpha = "
+                     f"None in Python")
   if target_bits is not None:
     value = _positive_number(field, target_bits)
     if value > max_bits:

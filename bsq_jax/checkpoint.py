@@ -9,9 +9,13 @@ rebuilds the abstract tree from the scheme, so shapes always match.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging as std_logging
 import os
 import shutil
+import signal
+import threading
 from typing import Any, Callable, Dict, Optional
 
 import jax
@@ -62,6 +66,27 @@ class Result:
             "batch_stats": self.state.batch_stats}
 
 
+@contextlib.contextmanager
+def _ctrl_c_after():
+  """Ctrl-C waits until orbax has taken the save: one that came in the
+  middle would lose the epoch just trained."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  pressed = []
+  before = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, before)
+  if pressed:
+    raise KeyboardInterrupt
+
+
+def _read_only_notice(record) -> bool:
+  return not record.getMessage().startswith("Given directory is read only")
+
+
 class StageCheckpoints:
   """The CheckpointManager of one stage of one run."""
 
@@ -73,8 +98,14 @@ class StageCheckpoints:
         max_to_keep=None if read_only else max_to_keep, create=not read_only,
         enable_async_checkpointing=not read_only, read_only=read_only,
         save_interval_steps=0 if read_only else 1)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+    # Orbax warns that a read-only directory is read only: intended here.
+    absl_logger = std_logging.getLogger("absl")
+    absl_logger.addFilter(_read_only_notice)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_names=("state", "meta"))
+    finally:
+      absl_logger.removeFilter(_read_only_notice)
 
   def latest_epoch(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -87,10 +118,11 @@ class StageCheckpoints:
     # (a compiled slice per shape, 4 of a tiny run's 40 s), and with several
     # processes it cannot write pmap's host-local arrays as one global array
     # at all. The values are the same on every device and process.
-    state = jax.device_get(state)
-    self.manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True)
+    with _ctrl_c_after():
+      state = jax.device_get(state)
+      self.manager.save(epoch, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          force=True)
     faults.point("save")  # the write goes on in orbax's thread
 
   def wait(self) -> None:

@@ -73,6 +73,13 @@ def epoch_key(seed: int, epoch: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), epoch)
 
 
+def steps_per_epoch(data, batch_size: int) -> int:
+  """Train steps of one epoch over `data` (a Stream or a DeviceDataset)."""
+  if isinstance(data, Stream):
+    return data.steps_per_epoch
+  return data.size // batch_size  # the last partial batch is dropped
+
+
 def check_batch(batch_size: int, devices: int) -> int:
   """Per-device batch; the global batch must split evenly over devices."""
   if batch_size <= 0 or batch_size % devices:
@@ -197,9 +204,7 @@ class Trainer:
   # -- host -----------------------------------------------------------------
 
   def steps_per_epoch(self, data) -> int:
-    if isinstance(data, Stream):
-      return data.steps_per_epoch
-    return data.size // self.batch  # the last partial batch is dropped
+    return steps_per_epoch(data, self.batch)
 
   def _split(self, x: np.ndarray) -> np.ndarray:
     """This process's share of a batch -> (local devices, per device, ...)."""

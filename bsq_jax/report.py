@@ -1,5 +1,6 @@
-"""What a person reads: progress with ETA, a JSON-lines metrics file,
-TensorBoard scalars, per-layer precision after a host pass, and the summary
+"""What a person reads: progress with an ETA for the whole run, a JSON-lines
+metrics file, TensorBoard scalars, per-layer precision after a host pass,
+and the summary
 table with the paper's columns (and, where BSQ left all-zero tensors, how
 many, and BSQ's bits as finetuning counts them). Only process 0 writes."""
 
@@ -24,11 +25,7 @@ class _DropLibraryChatter:
   """Keeps orbax's per-save INFO lines out of the run log."""
 
   def filter(self, record) -> bool:
-    if "orbax" not in record.pathname:
-      return True
-    # Reading an earlier stage's checkpoints read-only is intended.
-    return (record.levelno >= 30 and
-            not record.getMessage().startswith("Given directory is read only"))
+    return "orbax" not in record.pathname or record.levelno >= 30
 
 
 def quiet_libraries() -> None:
@@ -39,35 +36,82 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-class Progress:
-  """A tqdm bar on a terminal; plain log lines (every ~10%) otherwise."""
+def duration(seconds: float) -> str:
+  """'42s', '3m05s', '2h07m'."""
+  s = int(round(max(seconds, 0.0)))
+  if s < 60:
+    return f"{s}s"
+  if s < 3600:
+    return f"{s // 60}m{s % 60:02d}s"
+  return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
-  def __init__(self, total: int, desc: str):
-    self.total, self.desc, self.done = total, desc, 0
-    self.start = time.time()
+
+class RunProgress:
+  """What a person sees of a run, whatever absl's verbosity, and the same
+  from main.py and from Python: on stderr of process 0, the stage (k of n),
+  the epoch and an ETA for all the run's remaining steps. On a terminal a
+  tqdm bar over the whole run; otherwise a line at the end of each epoch
+  and, in a long epoch, at most one every `every` seconds."""
+
+  def __init__(self, stages=(), steps: Optional[Mapping[str, int]] = None,
+               every: float = 60.0):
+    self.stages, self.every = tuple(stages), every
+    self.total = sum((steps or {}).values())
+    self.done, self.start, self.first = 0, time.time(), None
+    self._last_line = time.time()
     self.bar = None
-    self._next_line = 0.0
-    if is_writer() and sys.stderr.isatty():
+    if is_writer() and sys.stderr.isatty() and self.total:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-      self.bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+      self.bar = tqdm(total=self.total, unit="step", leave=False,
+                      bar_format="{desc} {bar} {n_fmt}/{total_fmt} {postfix}")
 
-  def update(self, steps: int, **values: float) -> None:
-    self.done += steps
-    shown = {k: f"{v:.4g}" for k, v in values.items()}
+  def tag(self, stage: str) -> str:
+    """'[3/5] bsq': the stage's place in this run."""
+    if stage not in self.stages:
+      return stage
+    return f"[{self.stages.index(stage) + 1}/{len(self.stages)}] {stage}"
+
+  def eta(self) -> str:
+    """'run eta 1m05s' once a step has run (compiling counts)."""
+    if not self.done or self.first is None or self.done >= self.total:
+      return ""
+    per_step = (time.time() - self.first) / self.done
+    return f"run eta {duration(per_step * (self.total - self.done))}"
+
+  def say(self, line: str) -> None:
+    if not is_writer():
+      return
     if self.bar is not None:
-      self.bar.update(steps)
-      self.bar.set_postfix(shown, refresh=False)
-    elif is_writer() and self.done / self.total >= self._next_line:
-      elapsed = time.time() - self.start
-      eta = elapsed / self.done * (self.total - self.done)
-      logging.info("%s %d/%d steps, eta %.0fs, %s", self.desc, self.done,
-                   self.total, eta, " ".join(f"{k}={v}" for k, v in shown.items()))
-      self._next_line = self.done / self.total + 0.1
+      self.bar.write(line, file=sys.stderr)
+    else:
+      print(line, file=sys.stderr, flush=True)
 
-  def close(self) -> float:
+  def begin_epoch(self) -> None:
+    if self.first is None:
+      self.first = time.time()
+
+  def steps(self, stage: str, epoch: str, n: int, **values: float) -> None:
+    """`n` more steps of `stage`'s epoch ('2/6'); `values` shown beside."""
+    self.done += n
+    shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+    if self.bar is not None:
+      self.bar.set_description_str(f"{self.tag(stage)} epoch {epoch}",
+                                   refresh=False)
+      self.bar.set_postfix_str(f"{shown} {self.eta()}", refresh=False)
+      self.bar.update(n)
+    elif time.time() - self._last_line >= self.every:
+      self.say(f"{self.tag(stage)} epoch {epoch}: {shown}, {self.eta()}")
+      self._last_line = time.time()
+
+  def end_epoch(self, line: str) -> None:
+    eta = self.eta()
+    self.say(f"{line}{'; ' + eta if eta else ''}")
+    self._last_line = time.time()
+
+  def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
-    return time.time() - self.start
+      self.bar = None
 
 
 def _summary_writer_class():
@@ -168,7 +212,7 @@ def summary_rows(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         "average bits": (bits if tuned is None else
                          f"{_cell(bits)} ({_cell(tuned)} as finetuned)"),
         "compression": r.get("compression"),
-        "test accuracy": r.get("test_accuracy"),
+        "test accuracy": percent(r.get("test_accuracy")),
         ZERO_COLUMN: (f"{r['zero_tensors']} of {len(r['bits'])}"
                       if "zero_tensors" in r and r.get("bits") else None)})
   return rows
@@ -184,10 +228,15 @@ def summary_notes(records: Iterable[Mapping[str, Any]]) -> str:
       notes.append(
           f"{s}: {r['zero_tensors']} of {len(r['bits'])} quantized tensors "
           f"ended at 1 bit with no bit set. Finetuning holds them at 0 bits "
-          f"(all zero; spec section 10, step 5), so this scheme is "
+          f"(all zero; docs/algorithm.md), so this scheme is "
           f"{_cell(tuned)} average bits ({_cell(r['finetune_compression'])}x) "
           f"in the stages that finetune it.")
   return "".join(f"\n{n}\n" for n in notes)
+
+
+def percent(fraction: Optional[float]) -> Optional[str]:
+  """0.8767 -> '87.67%', as the README and the results quote accuracies."""
+  return None if fraction is None else f"{100 * fraction:.2f}%"
 
 
 def _cell(v: Any) -> str:

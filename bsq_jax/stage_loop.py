@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any, Dict, Tuple
 
 import jax
@@ -45,6 +46,11 @@ class Diverged(RuntimeError):
   """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during a stage; says what is saved. The checkpoints written so
+  far are complete, so the same command resumes after them."""
+
+
 def lr_at(sched, epoch: int) -> float:
   """Piecewise constant: lr * 0.1 per milestone reached (spec section 5)."""
   return sched.lr * 0.1**sum(epoch >= m for m in sched.lr_milestones)
@@ -61,6 +67,7 @@ class StageLoop:
     self.metrics = report.MetricsLog(workdir)
     self._trainers: Dict[Any, Trainer] = {}
     self._warned_empty = False  # `_warn_if_nothing_left`
+    self.progress = report.RunProgress()  # the run's (stages.Run) sets it
 
   # -- models and trainers ----------------------------------------------------
 
@@ -144,19 +151,22 @@ class StageLoop:
       return
     self._warned_empty = True
     left = {k: n for k, n in bits.items() if n}
-    logging.warning(
+    message = (
         "BSQ left nothing to quantize: every quantized weight tensor is all "
         "zero (%d of %d quantized tensors at 0 bits%s). Finetuning keeps "
         "them zero, so the finetune, scratch and hawq results are of a model "
         "without those layers. Run BSQ again with a lower alpha (bsq.alpha) "
-        "or a size to reach (bsq.target_bits or bsq.target_kbytes).",
-        len(zero), len(bits),
-        f"; only {report.precision_line(left)} is left" if left else "")
+        "or a size to reach (bsq.target_bits or bsq.target_kbytes)."
+    ) % (len(zero), len(bits),
+         f"; only {report.precision_line(left)} is left" if left else "")
+    logging.info("warning: %s", message)
+    self.progress.say(f"warning: {message}")
 
   def evaluate(self, trainer: Trainer, state: TrainState) -> Dict[str, float]:
     return trainer.evaluate(state, self.test_data)
 
-  def log_epoch(self, record: Dict[str, Any]) -> None:
+  def log_epoch(self, record: Dict[str, Any], epochs: int = 0) -> None:
+    """Writes `record`, logs it and shows it (`epochs`: the stage's)."""
     self.metrics.write(record)
     trained = ("train loss %.4f (%.1fs), " % (record["train_loss"],
                                              record["epoch_seconds"])
@@ -166,6 +176,15 @@ class StageLoop:
     logging.info("%s epoch %d: %s%s%.3f bits (%.2fx)", record["stage"],
                  record["epoch"], trained, tested, record["average_bits"],
                  record["compression"])
+    shown = [f"loss {record['train_loss']:.4f}"] if trained else []
+    if tested:
+      shown.append(f"test {report.percent(record['test_accuracy'])}")
+    shown.append(f"{record['average_bits']:.3f} bits "
+                 f"({record['compression']:.2f}x)")
+    when = (f" epoch {record['epoch']}/{epochs}" if epochs else
+            f" epoch {record['epoch']}" if "train_loss" in record else "")
+    self.progress.end_epoch(f"{self.progress.tag(record['stage'])}{when}: "
+                            f"{', '.join(shown)}")
 
   # -- the loop ---------------------------------------------------------------
 
@@ -178,13 +197,20 @@ class StageLoop:
     ck = StageCheckpoints(self.workdir, stage)
     result = ck.restore_latest(self.abstract_of_own)
     controller = None
+    epochs = sched.epochs
+    tag = self.progress.tag(stage)
     if result is not None:
       latest = result.epoch
-      if result.meta.get("finished"):
+      # A finished stage without a host pass may go on to more epochs
+      # (settings.EXTENDS); a host pass ends BSQ's last epoch, so a finished
+      # bsq stage is never continued.
+      if result.meta.get("finished") and (host_pass or latest >= epochs):
         logging.info("stage %s: finished at epoch %d; skipping", stage, latest)
+        self.progress.say(f"{tag}: finished earlier (epoch {latest}); kept")
         ck.close()
         return result
       logging.info("stage %s: resuming after epoch %d", stage, latest)
+      self.progress.say(f"{tag}: resuming after epoch {latest} of {epochs}")
       self.metrics.forget_after(stage, latest)
       state, scheme, first = result.state, result.scheme, latest
       if budget_target:
@@ -196,49 +222,62 @@ class StageLoop:
       state = self.fresh_momentum(mode, scheme, state, sched)
       if budget_target:
         controller = self._controller(state.params, budget_target, sched)
-    epochs = sched.epochs
     interval = self.config.bsq.requant_interval
-    for epoch in range(first, epochs):
-      if host_pass and epoch % interval == 0:
-        before = scheme
-        state, scheme = self.host_pass(stage, state, sched, epoch)
-        if scheme != before:
-          faults.point("host_pass")
-      if controller is not None:
-        alpha = controller.alpha_for_epoch(epoch)
-      trainer = self.trainer(mode, scheme, state.params, sched)
-      state = state._replace(opt_state=optim.set_hyperparams(
-          state.opt_state, learning_rate=lr_at(sched, epoch), alpha=alpha))
-      state, train_metrics = self._epoch(stage, trainer, state, epoch)
-      extra = {}
-      if controller is not None:
-        controller.observe(epoch, *self._sizes(state.params, controller.unit),
-                           loss=train_metrics["train_loss"])
-        extra = dict(controller.metrics(), budget=controller.state_dict())
-      finished = epoch + 1 == epochs
-      if host_pass and finished:  # the final re-quantization (section 6)
-        state, scheme = self.host_pass(stage, state, sched, epochs)
-        trainer = self.trainer(mode, scheme, state.params, sched)
+    try:
+      for epoch in range(first, epochs):
+        if host_pass and epoch % interval == 0:
+          before = scheme
+          state, scheme = self.host_pass(stage, state, sched, epoch)
+          if scheme != before:
+            faults.point("host_pass")
         if controller is not None:
-          extra["budget_report"] = self._final_budget(controller,
-                                                      state.params)
-          logging.info("%s budget: %s", stage,
-                       extra["budget_report"]["message"])
-      # The test set costs about as much as a short epoch on CPU, so it can
-      # be skipped between `eval_every` epochs; the last epoch always has it.
-      tested = finished or (epoch + 1) % self.config.eval_every == 0
-      record = dict(stage=stage, epoch=epoch + 1, lr=lr_at(sched, epoch),
-                    alpha=alpha, **train_metrics,
-                    **(self.evaluate(trainer, state) if tested else {}),
-                    **self.accounting(mode, state.params, scheme, finished),
-                    **{k: v for k, v in extra.items() if k != "budget"})
-      self.log_epoch(record)
-      if controller is not None:  # alpha per epoch on the progress line too
-        logging.info("%s epoch %d budget: %s", stage, epoch + 1,
-                     controller.progress())
-      meta = self.meta(mode, scheme, alpha, finished)
-      meta.update({k: v for k, v in extra.items() if k.startswith("budget")})
-      ck.save(epoch + 1, state, meta)
+          alpha = controller.alpha_for_epoch(epoch)
+        trainer = self.trainer(mode, scheme, state.params, sched)
+        state = state._replace(opt_state=optim.set_hyperparams(
+            state.opt_state, learning_rate=lr_at(sched, epoch), alpha=alpha))
+        state, train_metrics = self._epoch(stage, trainer, state, epoch,
+                                           epochs)
+        extra = {}
+        if controller is not None:
+          sizes = self._sizes(state.params, controller.unit)
+          controller.observe(epoch, *sizes, loss=train_metrics["train_loss"])
+          extra = dict(controller.metrics(), budget=controller.state_dict())
+        finished = epoch + 1 == epochs
+        if host_pass and finished:  # the final re-quantization (section 6)
+          state, scheme = self.host_pass(stage, state, sched, epochs)
+          trainer = self.trainer(mode, scheme, state.params, sched)
+          if controller is not None:
+            extra["budget_report"] = self._final_budget(controller,
+                                                        state.params)
+            message = extra["budget_report"]["message"]
+            logging.info("%s budget: %s", stage, message)
+            self.progress.say(f"{tag} budget: {message}")
+        # The test set costs about as much as a short epoch on CPU, so it
+        # can be skipped between `eval_every` epochs; the last always has it.
+        tested = finished or (epoch + 1) % self.config.eval_every == 0
+        record = dict(stage=stage, epoch=epoch + 1, lr=lr_at(sched, epoch),
+                      alpha=alpha, **train_metrics,
+                      **(self.evaluate(trainer, state) if tested else {}),
+                      **self.accounting(mode, state.params, scheme, finished),
+                      **{k: v for k, v in extra.items() if k != "budget"})
+        self.log_epoch(record, epochs)
+        if controller is not None:  # alpha per epoch on the progress line too
+          logging.info("%s epoch %d budget: %s", stage, epoch + 1,
+                       controller.progress())
+        meta = self.meta(mode, scheme, alpha, finished)
+        meta.update({k: v for k, v in extra.items()
+                     if k.startswith("budget")})
+        ck.save(epoch + 1, state, meta)
+    except KeyboardInterrupt:
+      ck.wait()  # what was being saved is complete, as the message says
+      saved = ck.latest_epoch()
+      ck.close()
+      raise Interrupted(
+          f"interrupted in stage {stage}: "
+          + (f"epoch {saved} of {epochs} is saved in {ck.directory}"
+             if saved is not None else
+             "no epoch of it was saved yet, the stages before it are")
+          + "; the same command resumes from there") from None
     if epochs == 0:
       ck.save(epochs, state, self.meta(mode, scheme, alpha, True))
     ck.close()
@@ -254,11 +293,15 @@ class StageLoop:
     logging.info("%s epoch %d host pass: %.3f average bits, %.2fx | %s", stage,
                  epoch, acc.average_bits, acc.compression,
                  report.precision_line(scheme))
+    self.progress.say(
+        f"{self.progress.tag(stage)} host pass after epoch {epoch}: "
+        f"{acc.average_bits:.3f} average bits ({acc.compression:.2f}x) | "
+        f"{report.precision_line(scheme)}")
     return state, scheme
 
-  def _epoch(self, stage, trainer: Trainer, state, epoch):
-    steps = trainer.steps_per_epoch(self.train_data)
-    progress = report.Progress(steps, f"{stage} epoch {epoch + 1}")
+  def _epoch(self, stage, trainer: Trainer, state, epoch, sched_epochs):
+    began = time.time()
+    self.progress.begin_epoch()
     totals, done = {}, 0
     for state, n, sums in trainer.train_epoch(state, self.train_data,
                                               self.config.seed, epoch):
@@ -273,9 +316,9 @@ class StageLoop:
       totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
       done += n
       faults.point("step")
-      progress.update(n, loss=totals["loss"] / done,
-                      acc=totals["accuracy"] / done)
-    seconds = progress.close()
+      self.progress.steps(stage, f"{epoch + 1}/{sched_epochs}", n,
+                          loss=totals["loss"] / done)
+    seconds = time.time() - began
     return state, {"train_loss": totals["loss"] / done,
                    "train_accuracy": totals["accuracy"] / done,
                    "penalty": totals["penalty"] / done,
@@ -304,5 +347,6 @@ class StageLoop:
         alpha_max=bsq_cfg.budget_alpha_max, start_soft=soft,
         effort=[lr_at(sched, e) for e in range(sched.epochs)])
     for warning in controller.warnings:
-      logging.warning("%s", warning)
+      logging.info("warning: %s", warning)
+      self.progress.say(f"warning: {warning}")
     return controller

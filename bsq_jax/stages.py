@@ -37,21 +37,19 @@ from bsq_jax import config_check
 from bsq_jax import hawq as hawq_lib
 from bsq_jax import report
 from bsq_jax import scheme as sch
+from bsq_jax import settings
 from bsq_jax.checkpoint import CheckpointError, Result, StageCheckpoints
 from bsq_jax.data import load_dataset
 from bsq_jax.data.stream import Stream, is_streamed, load_stream
-from bsq_jax.epoch import check_batch, put_dataset
+from bsq_jax.epoch import check_batch, put_dataset, steps_per_epoch
 from bsq_jax.layers import Quant
 from bsq_jax.models import build_model, init_variables, input_shape
 from bsq_jax.rules import RuleError
+from bsq_jax.settings import INPUTS
 from bsq_jax.stage_loop import StageLoop
 from bsq_jax.step import TrainState
 
 
-# The stages each stage starts from.
-INPUTS = {"convert": ("pretrain",), "bsq": ("convert",), "finetune": ("bsq",),
-          "scratch": ("bsq", "pretrain"), "uniform": ("convert",),
-          "hawq": ("bsq", "pretrain")}
 
 
 class Run:
@@ -71,40 +69,29 @@ class Run:
     self.train, self.test = self._load_data()
     self.loop = StageLoop(config, workdir, self.model_cfg, self.devices,
                           self.train, self.test)
-    held = self._check_workdir_identity()
+    self._check_workdir_identity()
     self._inputs = self._read_inputs()
-    if not held:  # only once the run is known to be able to start
-      self._write_identity()
+    self._write_identity()  # only once the run is known to be able to start
 
   # -- set-up checks ----------------------------------------------------------
 
-  def _identity(self) -> Dict[str, Any]:
-    """What must match for a workdir's checkpoints to belong to this run
-    (as JSON reads it back: tuples become lists)."""
-    return json.loads(json.dumps(
+  def _check_workdir_identity(self) -> None:
+    """Raises if the workdir holds a run of other settings (settings.py)."""
+    legacy = json.loads(json.dumps(
         {"model": self.model_cfg, "data": self.config.data.name,
          "seed": self.config.seed}))
-
-  def _check_workdir_identity(self) -> bool:
-    """True if the workdir already holds this run; raises if another's."""
-    path = os.path.join(self.workdir, "run.json")
-    if not os.path.exists(path):
-      return False
-    with open(path) as f:
-      held = json.load(f)
-    want = self._identity()
-    if held != want:
-      diff = [k for k in want if held.get(k) != want[k]]
-      raise CheckpointError(
-          f"--workdir {self.workdir} holds a run of another "
-          f"{'/'.join(diff)} ({path}); use a new --workdir")
-    return True
+    self._held = settings.check_workdir(self.workdir, self.config,
+                                        config_check.STAGES, legacy)
+    if self._held == "legacy":
+      logging.warning(
+          "%s/run.json is of an earlier version, which recorded only the "
+          "model, data and seed: the other settings are not checked",
+          self.workdir)
 
   def _write_identity(self) -> None:
     if report.is_writer():
-      os.makedirs(self.workdir, exist_ok=True)
-      with open(os.path.join(self.workdir, "run.json"), "w") as f:
-        json.dump(self._identity(), f, indent=1)
+      settings.write(self.workdir, self.config,
+                     run_json=self._held != "legacy")
 
   def _read_inputs(self) -> Dict[str, Result]:
     """What the config's stages need from outside this run: earlier stages
@@ -238,6 +225,8 @@ class Run:
     if done is not None and done.meta.get("finished"):
       ck.close()
       logging.info("stage convert: finished; skipping")
+      loop.progress.say(f"{loop.progress.tag('convert')}: finished earlier; "
+                        f"kept")
       return done
     if self.config.convert.init_from:
       source = self._inputs["init_from"]
@@ -384,10 +373,33 @@ class Run:
     return [(images[i * size:(i + 1) * size], labels[i * size:(i + 1) * size])
             for i in range(count)]
 
+  def _steps_left(self, stages) -> Dict[str, int]:
+    """Train steps each stage has still to run: the run's ETA."""
+    cfg = self.config
+    per_epoch = steps_per_epoch(self.train, cfg.batch_size)
+    left = {}
+    for stage in stages:
+      epochs = {"pretrain": cfg.pretrain.epochs, "convert": 0,
+                "bsq": cfg.bsq.epochs}.get(stage, cfg.finetune.epochs)
+      folder = os.path.join(self.workdir, stage, "checkpoints")
+      saved = [int(d) for d in (os.listdir(folder) if os.path.isdir(folder)
+                                else ()) if d.isdigit()]
+      left[stage] = max(0, epochs - max(saved, default=0)) * per_epoch
+    return left
+
   def run(self) -> str:
-    for stage in config_check.stages_of(self.config):
-      logging.info("stage %s", stage)
-      getattr(self, stage)()
+    stages = config_check.stages_of(self.config)
+    progress = self.loop.progress = report.RunProgress(
+        stages, self._steps_left(stages))
+    progress.say(f"{len(stages)} stage{'s' * (len(stages) > 1)} "
+                 f"({', '.join(stages)}) in "
+                 f"{self.workdir}; its settings: {self.workdir}/config.json")
+    try:
+      for stage in stages:
+        logging.info("stage %s", stage)
+        getattr(self, stage)()
+    finally:
+      progress.close()
     table = report.write_summary(self.workdir, self.loop.metrics.records(),
                                  self.command)
     self.loop.metrics.close()

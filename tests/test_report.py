@@ -35,22 +35,22 @@ def test_summary_without_all_zero_tensors_keeps_its_four_columns(tmp_path):
   table = report.write_summary(str(tmp_path), records(0))
   assert table.splitlines()[0] == ("| stage | average bits | compression | "
                                    "test accuracy |")
-  assert "| bsq | 1.25 | 25.60 | 0.4000 |" in table
+  assert "| bsq | 1.25 | 25.60 | 40.00% |" in table
   assert len(table.splitlines()) == 5  # header, rule, three rows; no note
   assert (tmp_path / "summary.md").read_text() == table
 
 
 def test_summary_shows_all_zero_tensors_and_bsq_bits_as_finetuned(tmp_path):
-  """BSQ's 1-bit all-zero tensors are 0 bits in finetuning (spec section
-  10, step 5): the bsq row says what its scheme counts there, both rows
-  say how many tensors are all zero, and a note says why they differ."""
+  """BSQ's 1-bit all-zero tensors are 0 bits in finetuning
+  (docs/algorithm.md): the bsq row says what its scheme counts there, both
+  rows say how many tensors are all zero, and a note says why they differ."""
   table = report.write_summary(str(tmp_path), records(2))
   lines = table.splitlines()
   assert lines[0].endswith("| test accuracy | all-zero tensors |")
-  assert "| pretrain | 32.00 | 1.00 | 0.5000 | - |" in lines
-  assert ("| bsq | 1.25 (0.0032 as finetuned) | 25.60 | 0.4000 | 2 of 3 |"
+  assert "| pretrain | 32.00 | 1.00 | 50.00% | - |" in lines
+  assert ("| bsq | 1.25 (0.0032 as finetuned) | 25.60 | 40.00% | 2 of 3 |"
           in lines)
-  assert "| finetune | 0.0032 | 10000.00 | 0.1000 | 2 of 3 |" in lines
+  assert "| finetune | 0.0032 | 10000.00 | 10.00% | 2 of 3 |" in lines
   note = lines[-1]
   assert note.startswith("bsq: 2 of 3 quantized tensors ended at 1 bit with "
                          "no bit set. Finetuning holds them at 0 bits")

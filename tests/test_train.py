@@ -1,7 +1,6 @@
 """The pipeline end to end on synthetic data, on 8 forced CPU devices."""
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -95,7 +94,8 @@ def test_export_and_inspect_a_finished_run(finished_run, tmp_path):
 
 def test_workdir_of_another_model_is_refused(finished_run):
   workdir, _ = finished_run
-  with pytest.raises(ValueError, match="holds a run of another model"):
+  with pytest.raises(ValueError, match="holds a run of other settings: "
+                     "model.width"):
     Run(tiny_config(**{"model.width": 8}), workdir)
 
 
@@ -188,9 +188,9 @@ def test_budget_mode_reaches_4_bits_from_8(finished_run, tmp_path):
 
 
 def test_bsq_that_zeroes_every_weight_says_so(finished_run, tmp_path,
-                                              caplog):
+                                              capsys):
   """alpha 2000 leaves every quantized weight tensor at 1 bit with no bit
-  set; finetuning holds them at 0 bits (spec section 10, step 5). One
+  set; finetuning holds them at 0 bits (docs/algorithm.md). One
   warning says what happened and what to do, the records count the all-zero
   tensors, the summary gives the bsq row's bits as finetuned, and the test
   loss is the model's (XLA:CPU once computed 0.0 for it: see
@@ -198,10 +198,16 @@ def test_bsq_that_zeroes_every_weight_says_so(finished_run, tmp_path,
   workdir = copy_run(finished_run[0], tmp_path / "run")
   config = tiny_config(**{"stages": "bsq,finetune,scratch",
                           "bsq.alpha": 2000.0})
-  with caplog.at_level(logging.WARNING):
-    table = train_and_evaluate(config, workdir)
-  warned = [r.getMessage() for r in caplog.records
-            if "BSQ left nothing to quantize" in r.getMessage()]
+  table = train_and_evaluate(config, workdir)
+  shown = capsys.readouterr().err.splitlines()
+  warned = [l for l in shown
+            if l.startswith("warning: BSQ left nothing to quantize")]
+  # A Python caller sees the run's progress too, absl logging untouched:
+  # the stage of the run, the precision each host pass reaches, the ETA.
+  assert any(l.startswith("[1/3] bsq host pass after epoch 1: ") and
+             "conv1=1" in l for l in shown), shown
+  assert any(l.startswith("[1/3] bsq epoch 1/") and "run eta" in l
+             for l in shown), shown
   assert len(warned) == 1 and "lower alpha (bsq.alpha)" in warned[0]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     last = {r["stage"]: r for r in map(json.loads, f)}
