@@ -187,12 +187,12 @@ def report_text(p: Preset, data: dict, command: str, times, plot) -> str:
       lines += ["", f"alpha {alpha:g}: {count} of "
                 f"{len(data['alphas'][0]['layers'])} tensors ended BSQ at 1 "
                 f"bit with all planes zero, so finetuning holds them at 0 "
-                f"bits (spec section 10, step 5): hence its lower bits."]
+                f"bits (docs/algorithm.md): hence its lower bits."]
   lines += ["", "Sizes (weights per tensor): " + ", ".join(
       f"{k.removesuffix('/kernel')} {v}" for k, v in data["sizes"].items()
       if not k.startswith("block") or k.startswith("block0/")) + "; every "
       "block alike. The penalty weighs a tensor by its size times its bits "
-      "(spec section 4).", "", "## Precision of every quantized tensor", ""]
+      "(docs/algorithm.md).", "", "## Precision of every quantized tensor", ""]
   for r in data["alphas"]:
     layers = r["layers"]
     lines += [f"alpha {r['alpha']:g} ({r['bits']:.2f} average bits); "

@@ -84,13 +84,8 @@ def parse(flag_values: flags.FlagValues, argv: List[str]) -> List[str]:
                                  for a in argv):
       fail("no --config given; for example: python main.py "
            "--config=configs/smoke.py (every config is in configs/)")
-  kept, nones = _without_nones(argv)
   try:
-    rest = flag_values(kept)
-    config = flag_values.config
-    config.keys()  # a file that did not load raises here
-    for field in nones:
-      _set(config, field, None)
+    rest = load(flag_values, argv)
   except flags.Error as e:
     lines = [l for l in str(e).splitlines() if l.strip()]
     # A config file whose get_config() raised: its traceback's last line.
@@ -108,7 +103,18 @@ def parse(flag_values: flags.FlagValues, argv: List[str]) -> List[str]:
   except Exception as e:  # pylint: disable=broad-except
     # The config file's own get_config() failed: its error, in one line.
     fail(f"--config: {type(e).__name__}: {str(e).splitlines()[0]}")
-  target_wins(flag_values.config, overrides(argv))
+  return rest
+
+
+def load(flag_values: flags.FlagValues, argv: List[str]) -> List[str]:
+  """`parse` without its one-line errors: what they come from is raised."""
+  kept, nones = _without_nones(argv)
+  rest = flag_values(kept)
+  config = flag_values.config
+  config.keys()  # a file that did not load raises here
+  for field in nones:
+    _set(config, field, None)
+  target_wins(config, overrides(argv))
   return rest
 
 

@@ -116,10 +116,10 @@ def test_the_commands_are_found():
 def check_main(args: List[str]) -> None:
   """main.py's own flags parse the command; config_check passes its config."""
   import main as main_py  # pylint: disable=import-outside-toplevel
-  from bsq_jax import config_check  # pylint: disable=import-outside-toplevel
+  from bsq_jax import cli, config_check  # pylint: disable=import-outside-toplevel
   argv = ["main.py", *args]
   fv = main_py.define_flags(flags.FlagValues(), argv)
-  fv(argv)
+  cli.load(fv, argv)
   config_check.check(fv.config)
 
 
@@ -254,9 +254,71 @@ def test_quick_start_runs_as_written(tmp_path):
                             capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, PYTHONPATH=ROOT))
     assert result.returncode == 0, (argv, result.stderr[-3000:])
-  assert "| finetune |" in open(tmp_path / "smoke" / "summary.md").read()
+  summary = open(tmp_path / "smoke" / "summary.md").read()
+  assert "| finetune |" in summary
   assert os.path.getsize(tmp_path / "smoke.bsq") > 0
   assert os.listdir(tmp_path / "smoke_plots")
+  check_quoted_smoke_table(summary)
+
+
+def table_rows(text: str):
+  """{stage: [cells]} of the markdown table rows whose first cell is a stage."""
+  rows = {}
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if line.startswith("| ") and cells[0] in ("pretrain", "convert", "bsq",
+                                              "finetune", "scratch"):
+      rows[cells[0]] = cells[1:]
+  return rows
+
+
+def check_quoted_smoke_table(summary: str) -> None:
+  """docs/configs.md quotes the smoke run's table: the same stages, bits
+  and compression, and the accuracies within 1 of the 256 test images
+  (XLA's CPU code differs between processors in the last bits)."""
+  with open(os.path.join(ROOT, "docs", "configs.md")) as f:
+    quoted = table_rows(f.read())
+  ran = table_rows(summary)
+  assert list(quoted) == list(ran), (quoted, ran)
+  for stage, cells in ran.items():
+    assert quoted[stage][:2] == cells[:2], (stage, quoted[stage], cells)
+    assert abs(float(quoted[stage][2].rstrip("%")) -
+               float(cells[2].rstrip("%"))) <= 100 / 256 + 1e-6, stage
+
+
+def collected_test_count(request) -> int:
+  """How many tests `pytest` collects: this session's own count when it
+  collected every test file, else a `--collect-only` run."""
+  files = {os.path.relpath(p, ROOT) for p in
+           glob.glob(os.path.join(ROOT, "tests", "test_*.py"))}
+  items = request.session.items
+  if files <= {i.nodeid.split("::")[0] for i in items}:
+    return len(items)
+  result = subprocess.run(
+      [sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0",
+       "-p", "no:cacheprovider", "tests"], cwd=ROOT, capture_output=True,
+      text=True, timeout=300)
+  found = re.search(r"(\d+) tests? collected", result.stdout)
+  assert found, result.stdout[-2000:] + result.stderr[-2000:]
+  return int(found.group(1))
+
+
+def test_the_test_counts_the_docs_quote(request):
+  """docs/testing.md's count for this tree, passed and skipped together,
+  is the number of tests there are; the bad-input catalogue's size is the
+  catalogue's."""
+  with open(os.path.join(ROOT, "docs", "testing.md")) as f:
+    text = " ".join(f.read().split())
+  quoted = re.search(r"This tree: .*?(\d+) passed, (\d+) skipped", text)
+  assert quoted, "docs/testing.md: no 'This tree: N passed, M skipped'"
+  assert (int(quoted.group(1)) + int(quoted.group(2)) ==
+          collected_test_count(request))
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import test_bad_input  # pylint: disable=import-outside-toplevel
+  cases = len(test_bad_input.CASES)
+  assert f"the {cases}-case bad-input catalogue" in text
+  with open(os.path.join(ROOT, "docs", "reliability.md")) as f:
+    assert f"the catalogue, {cases} cases" in " ".join(f.read().split())
 
 
 LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
