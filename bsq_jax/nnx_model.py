@@ -145,7 +145,8 @@ class NNXModel:
     params, stats = _filled(params, variables["params"]), stats
     if variables.get("batch_stats"):
       stats = _filled(stats, variables["batch_stats"])
-    module = nnx.merge(self._graph(train, axis_name), params, stats, rest)
+    module = nnx.merge(self._graph(train, axis_name), params, stats,
+                       _copy(rest))  # fresh variables of this trace
     call = self.call_params()
     kwargs = call_kwargs(call, train, kwargs)
     key = (rngs or {}).get("dropout")
@@ -160,8 +161,12 @@ class NNXModel:
                                                            nnx.BatchStat))}
 
 
+def _copy(state: nnx.State) -> nnx.State:
+  return jax.tree.map(lambda x: x, state)
+
+
 def _filled(template: nnx.State, values: Mapping[str, Any]) -> nnx.State:
   """A copy of `template` holding `values` (a pure dict of the same paths)."""
-  state = jax.tree.map(lambda x: x, template)
+  state = _copy(template)
   nnx.replace_by_pure_dict(state, values)
   return state

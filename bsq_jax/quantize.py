@@ -53,7 +53,7 @@ from bsq_jax import bitplanes as bp
 from bsq_jax import conv
 from bsq_jax import layers
 from bsq_jax import scheme as sch
-from bsq_jax.layers import Quant
+from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.nnx_model import NNXModel, call_kwargs, signature_of
 from bsq_jax.rules import RuleError, Rules
 
@@ -92,6 +92,17 @@ class QuantizedModel:
 
   def clone(self, **changes) -> "QuantizedModel":
     return dataclasses.replace(self, **changes)
+
+  def finetune(self, scheme) -> "QuantizedModel":
+    """This model in finetune mode at the fixed `scheme` (path -> bits)."""
+    return self.clone(quant=Quant("finetune", freeze_scheme(scheme)))
+
+  def encode(self, params, *args, **kwargs):
+    """Float params of the model (trained ones, say) with the selected
+    tensors as planes at `quant.default_bits`; the inputs as for `init`."""
+    names = self.quantized_names(*args, **kwargs)
+    return sch.float_to_bsq(jax.device_get(params),
+                            {n: self.quant.default_bits for n in names})
 
   # -- what is quantized ------------------------------------------------------
 

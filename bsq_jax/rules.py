@@ -19,6 +19,7 @@ quantized, as its own tensor with its own precision (the paper's way).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -134,7 +135,8 @@ class Rules:
     for rule in self.weights:
       if rule not in used:
         raise RuleError(f"weight rule {rule.pattern!r} matches no parameter "
-                        f"(the model has {_some(params)})")
+                        f"(closest: {_closest(rule.pattern, params)}; the "
+                        f"model has {len(params)})")
     if not chosen:
       raise RuleError(f"no parameter is quantized: the weight rules "
                       f"{[r.pattern for r in self.weights]} select none of "
@@ -193,6 +195,12 @@ def _some(names: Sequence[str], limit: int = 6) -> str:
   names = list(names)
   shown = ", ".join(names[:limit])
   return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _closest(pattern: str, names: Sequence[str], count: int = 3) -> str:
+  """The names most like a pattern that matched none of them."""
+  return ", ".join(difflib.get_close_matches(pattern, list(names), count,
+                                             cutoff=0.0))
 
 
 def from_config(cfg: Mapping) -> Rules:

@@ -27,6 +27,7 @@ import time
 from typing import Any, Dict, Tuple
 
 import jax
+import numpy as np
 from absl import logging
 
 from bsq_jax import budget
@@ -311,7 +312,7 @@ class StageLoop:
                  f"steps {done + 1}-{done + n}")
         kept = (f"the last good checkpoint (epoch {epoch}) is kept" if epoch
                 else "no checkpoint of this stage was written")
-        raise Diverged(f"stage {stage}: loss became {float(sums['loss'])} in "
+        raise Diverged(f"stage {stage}: {_nonfinite(sums, state.params)} in "
                        f"epoch {epoch + 1}, {steps}; {kept}")
       totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
       done += n
@@ -350,3 +351,19 @@ class StageLoop:
       logging.info("warning: %s", warning)
       self.progress.say(f"warning: {warning}")
     return controller
+
+
+def _nonfinite(sums, params) -> str:
+  """What became NaN or inf: the metrics (loss, penalty) and the first
+  parameter, by path, so that a divergence names its place."""
+  bad = [f"{k} became {float(v)}" for k, v in sums.items()
+         if not math.isfinite(float(v))]
+  for path, node in sch.walk(jax.device_get(params)):
+    parts = (node._asdict().items() if isinstance(node, sch.QUANT_NODES)
+             else (("", node),))
+    for field, value in parts:
+      if not np.all(np.isfinite(value)):
+        bad.append(f"parameter {path}{'.' + field if field else ''} is not "
+                   f"finite")
+        return ", ".join(bad)
+  return ", ".join(bad)

@@ -1,6 +1,8 @@
 """The tiny pipeline config the training tests share, as overrides of
 configs/smoke.py, so a subprocess can be given the same as flags."""
 
+import os
+
 from bsq_jax.checkpoint import copy_stages
 from configs import smoke
 
@@ -25,3 +27,13 @@ def as_flags(**changes):
 def copy_run(src, dst, stages=("pretrain", "convert")):
   """A new workdir holding `src`'s finished `stages` (skips redoing them)."""
   return copy_stages(src, str(dst), stages)
+
+
+def user_env():
+  """The environment a user's own script runs in: the project importable,
+  the machine's one CPU device (not the 8 the tests force, whose collectives
+  time out on a loaded 2-core machine)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if "device_count" not in f]
+  return dict(os.environ, PYTHONPATH=root, XLA_FLAGS=" ".join(flags))

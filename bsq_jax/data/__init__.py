@@ -15,6 +15,8 @@ plain dict); every field is read with `cfg.get(field, default)`:
                        with a message naming the file; False: fail at once)
     fashion_mnist_dir  folder holding the four Fashion-MNIST IDX files
                        (default: the Debian package dataset-fashion-mnist's)
+    image_size         height and width of the images given to the model
+                       (default 32; Fashion-MNIST also 28: not padded)
     train_subset       0: all training images; N > 0: the first N training
                        images of the dataset's fixed order (CIFAR: the order of
                        the original binary files; Fashion-MNIST: IDX file
@@ -23,7 +25,7 @@ plain dict); every field is read with `cfg.get(field, default)`:
     synthetic_train, synthetic_test, num_classes, channels, synthetic_seed,
     synthetic_noise    the synthetic toy problem (see `synthetic.py`)
 
-Images are uint8 NHWC (N, 32, 32, C); labels are int32. Every problem with the
+Images are uint8 NHWC (N, S, S, C), S = image_size; labels are int32. Every problem with the
 data or its config raises `DataError` (a ValueError) whose message is one line
 naming the config field or file and what was expected.
 """
@@ -73,14 +75,15 @@ def get_int(cfg: Mapping[str, Any], key: str, default: int,
   return int(value)
 
 
-def _check(ds: Dataset) -> Dataset:
+def _check(ds: Dataset, size: int = 32) -> Dataset:
   """Internal consistency of a loaded dataset (dtype, shape, label range)."""
   for split, images, labels in (("train", ds.train_images, ds.train_labels),
                                 ("test", ds.test_images, ds.test_labels)):
     if (images.dtype != np.uint8 or images.ndim != 4
-        or images.shape[1:3] != (32, 32)):
+        or images.shape[1:3] != (size, size)):
       raise DataError(f"data.name: {ds.name} {split} images: expected uint8 "
-                      f"(N, 32, 32, C), got {images.dtype} {images.shape}")
+                      f"(N, {size}, {size}, C), got {images.dtype} "
+                      f"{images.shape}")
     if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
       raise DataError(f"data.name: {ds.name} {split} labels: expected int32 "
                       f"({images.shape[0]},), got {labels.dtype} "
@@ -121,6 +124,10 @@ def load_dataset(cfg: Mapping[str, Any]) -> Dataset:
                     f"{', '.join(NAMES + STREAMED)}, "
                     f"got {name!r}")
   train_subset = get_int(cfg, "train_subset", 0)
+  size = get_int(cfg, "image_size", 32, minimum=1)
+  if size != 32 and name != "fashion_mnist":
+    raise DataError(f"data.image_size: {name} images are 32x32; expected 32, "
+                    f"got {size}")
   if name in ("cifar10", "cifar100"):
     from bsq_jax.data import cifar  # pylint: disable=import-outside-toplevel
     ds = cifar.load(name, data_dir=get(cfg, "data_dir", ""),
@@ -129,8 +136,8 @@ def load_dataset(cfg: Mapping[str, Any]) -> Dataset:
   elif name == "fashion_mnist":
     from bsq_jax.data import fashion_mnist  # pylint: disable=import-outside-toplevel
     ds = fashion_mnist.load(
-        get(cfg, "fashion_mnist_dir", "") or DEFAULT_FASHION_MNIST_DIR)
+        get(cfg, "fashion_mnist_dir", "") or DEFAULT_FASHION_MNIST_DIR, size)
   else:
     from bsq_jax.data import synthetic  # pylint: disable=import-outside-toplevel
     ds = synthetic.from_config(cfg)
-  return take_train_subset(_check(ds), train_subset)
+  return take_train_subset(_check(ds, size), train_subset)

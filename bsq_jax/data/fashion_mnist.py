@@ -9,8 +9,10 @@ IDX layout (big-endian int32 header, then uint8 data):
     images: magic 2051, count, rows (28), cols (28), count*28*28 pixel bytes
     labels: magic 2049, count, count label bytes in 0..9
 
-The 28x28 images are padded with 2 zero pixels on each side to 32x32, so the
-CIFAR models take them unchanged: (N, 32, 32, 1) uint8.
+By default (`data.image_size` 32) the 28x28 images are padded with 2 zero
+pixels on each side to 32x32, so the CIFAR models take them unchanged:
+(N, 32, 32, 1) uint8. `data.image_size` 28 gives them as they are, for a
+model built for Fashion-MNIST's own size.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ FILES = {
 # train_subset does not change the normalization.
 MEAN = (0.2190,)
 STD = (0.3318,)
+# image_size -> (mean, std) of exactly what the model is fed.
+NORMALIZATION = {32: (MEAN, STD), 28: ((0.2860,), (0.3530,))}
 
 
 def _find(directory: str, name: str) -> str:
@@ -134,7 +138,7 @@ def read_labels(path: str) -> np.ndarray:
   return labels.astype(np.int32)
 
 
-def _split(directory: str, split: str):
+def _split(directory: str, split: str, pad: int):
   image_file, label_file = FILES[split]
   image_path = _find(directory, image_file)
   label_path = _find(directory, label_file)
@@ -144,14 +148,20 @@ def _split(directory: str, split: str):
     raise DataError(f"{FIELD}: {image_path} holds {images.shape[0]} images "
                     f"but {label_path} holds {labels.shape[0]} labels; "
                     "expected the same count")
-  padded = np.zeros((images.shape[0], ROWS + 2 * PAD, COLS + 2 * PAD, 1),
+  padded = np.zeros((images.shape[0], ROWS + 2 * pad, COLS + 2 * pad, 1),
                     np.uint8)
-  padded[:, PAD:PAD + ROWS, PAD:PAD + COLS, 0] = images
+  padded[:, pad:pad + ROWS, pad:pad + COLS, 0] = images
   return padded, labels
 
 
-def load(directory: str) -> Dataset:
-  train_images, train_labels = _split(directory, "train")
-  test_images, test_labels = _split(directory, "test")
+def load(directory: str, image_size: int = ROWS + 2 * PAD) -> Dataset:
+  """The dataset at `image_size` (32: padded, 28: as the files hold it)."""
+  if image_size not in NORMALIZATION:
+    raise DataError(f"data.image_size: expected one of "
+                    f"{sorted(NORMALIZATION)} for fashion_mnist (28: the "
+                    f"images as they are, 32: padded), got {image_size!r}")
+  pad = (image_size - ROWS) // 2
+  train_images, train_labels = _split(directory, "train", pad)
+  test_images, test_labels = _split(directory, "test", pad)
   return Dataset("fashion_mnist", train_images, train_labels, test_images,
-                 test_labels, NUM_CLASSES, MEAN, STD)
+                 test_labels, NUM_CLASSES, *NORMALIZATION[image_size])
