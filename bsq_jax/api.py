@@ -14,8 +14,9 @@
 
 The pipeline (`bsq_jax.train`) is built from the same pieces: its steps
 call `QuantizedModel.apply`, its chain is `bit_lasso` + coupled decay +
-momentum, its host pass is `host_pass(reset="all")` (the paper resets all
-momentum) and its clipping is `project`.
+momentum (`optim.make_optimizer`), its host pass is `host_pass` with all
+momentum reset (the paper's `reset="all"`), its clipping is `project`'s
+and its finetuning starts from `to_finetune`.
 """
 
 from __future__ import annotations

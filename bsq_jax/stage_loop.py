@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from bsq_jax import api
 from bsq_jax import budget
 from bsq_jax import faults
 from bsq_jax import optim
@@ -286,10 +287,12 @@ class StageLoop:
 
   def host_pass(self, stage, state, sched, epoch):
     """Section 6: requantize every layer, reset momentum, log the scheme."""
-    params, scheme = sch.requantize_params(jax.device_get(state.params),
-                                           self.config.bsq.max_bits)
-    state = state._replace(params=params)
-    state = self.fresh_momentum("bsq", scheme, state, sched)
+    params, _, scheme = api.host_pass(state.params,
+                                      max_bits=self.config.bsq.max_bits)
+    # All momentum is reset, as the paper does (the API's reset="all"),
+    # with the optimizer of the new scheme's trainer.
+    state = self.fresh_momentum("bsq", scheme, state._replace(params=params),
+                                sched)
     acc = sch.account(params)
     logging.info("%s epoch %d host pass: %.3f average bits, %.2fx | %s", stage,
                  epoch, acc.average_bits, acc.compression,

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from bsq_jax import api
 from bsq_jax import augment
 from bsq_jax import budget
 from bsq_jax import config_check
@@ -255,7 +256,7 @@ class Run:
                            alpha, host_pass=True, budget_target=target)
 
   def _finetune_start(self, stage: str, params, batch_stats) -> Result:
-    ft_params, ft_scheme = sch.bsq_to_finetune(params)
+    ft_params, ft_scheme = api.to_finetune(params)
     return Result(stage, 0, self.loop.meta("finetune", ft_scheme, 0.0, False),
                   TrainState(ft_params, batch_stats, ()))
 
@@ -274,8 +275,7 @@ class Run:
 
   def _bsq_target(self) -> Tuple[sch.Params, sch.Scheme]:
     """The bsq stage's final params and scheme as finetune would hold them."""
-    return sch.bsq_to_finetune(jax.device_get(
-        self.result_of("bsq").state.params))
+    return api.to_finetune(self.result_of("bsq").state.params)
 
   def scratch(self) -> Result:
     """The float model at the scheme BSQ found (finetune's), finetuned alike."""

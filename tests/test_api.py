@@ -7,6 +7,7 @@ example's shape), and an MLP with a dense layer of 786k weights."""
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import Any, Callable, Sequence
@@ -14,6 +15,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -22,10 +24,12 @@ from flax import nnx
 import bsq_jax as bsq
 from bsq_jax import optim
 from bsq_jax.models import build_model, fields
+from bsq_jax.checkpoint import load_result
 from bsq_jax.models.any_flax import model_config
-from tiny import user_env
+from tiny import copy_run, tiny_config, user_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 class MnistCNN(nnx.Module):
@@ -121,6 +125,16 @@ class WideMLP(nn.Module):
     return nn.Dense(10)(nn.relu(nn.Dense(256)(x.reshape((len(x), -1)))))
 
 
+class BigHeadCNN(nn.Module):
+  """A small conv, then one dense layer of 32 x 32 x 8 x 96 = 786k weights."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(
+        nn.Conv(8, (3, 3))(x)))
+    return nn.Dense(10)(nn.relu(nn.Dense(96)(x.reshape((len(x), -1)))))
+
+
 def images(shape, n=64, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n,) + shape).astype(np.float32)
@@ -136,7 +150,8 @@ def models():
           ("linen_resnet", ResNetTiny(num_classes=10,
                                       conv=functools.partial(nn.Conv)),
            (16, 16, 3)),
-          ("wide_mlp", WideMLP(), (32, 32, 3))]
+          ("wide_mlp", WideMLP(), (32, 32, 3)),
+          ("big_head_cnn", BigHeadCNN(), (32, 32, 3))]
 
 
 def own_loop(model, params, batch_stats, x, y, alpha, steps, lr=0.1):
@@ -307,7 +322,7 @@ def test_own_loop_example_runs_as_written(tmp_path):
   """examples/own_loop.py exactly as written, from another folder, on 6,000
   of its 12,000 training images (OWN_LOOP_IMAGES: the full run takes about
   90 s beside the other tests): it lowers the precision and loads identical logits."""
-  if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+  if not os.path.isdir(FASHION_MNIST):
     pytest.skip("apt-get install dataset-fashion-mnist")
   env = dict(user_env(), OWN_LOOP_IMAGES="6000")
   done = subprocess.run([sys.executable, os.path.join(ROOT, "examples",
@@ -333,3 +348,98 @@ def test_a_divergence_names_what_became_non_finite():
                      "finite")
   assert _nonfinite({"loss": float("inf")}, {"a": np.ones(2)}) == (
       "loss became inf")
+
+
+# -- the same models through the pipeline --------------------------------------
+
+
+def pipeline_config(name):
+  """A tiny pipeline run of one model of this file (main.py takes it as
+  --config=tests/plain_config.py:<name>): a large alpha for the host pass,
+  or, for the models with a 786k-weight layer, the default alpha and lr."""
+  module, shape = {
+      "nnx_mnist_cnn": (MnistCNN(rngs=nnx.Rngs(0)), (28, 28, 1)),
+      "linen_resnet": (ResNetTiny(num_classes=10,
+                                  conv=functools.partial(nn.Conv)),
+                       (32, 32, 3)),
+      "wide_mlp": (WideMLP(), (32, 32, 3)),
+      "big_head_cnn": (BigHeadCNN(), (32, 32, 3))}[name]
+  changes = {"stages": "pretrain,convert,bsq", "bsq.epochs": 2,
+             "bsq.requant_interval": 1, "bsq.alpha": 50.0, "eval_every": 100}
+  if name in ("wide_mlp", "big_head_cnn"):  # 12 steps at the defaults
+    changes.update({"bsq.alpha": None, "bsq.epochs": 3})
+  if name == "nnx_mnist_cnn":  # the model's own 28x28 input
+    changes.update({"data.name": "fashion_mnist", "data.image_size": 28,
+                    "data.train_subset": 256, "eval_batch_size": 1000})
+  config = tiny_config(**changes)
+  config.model = ml_collections.ConfigDict(model_config(module, shape, 10))
+  return config
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory):
+  runs = {}
+
+  def run(name):
+    if name not in runs:
+      if name == "nnx_mnist_cnn" and not os.path.isdir(FASHION_MNIST):
+        pytest.skip("apt-get install dataset-fashion-mnist")
+      workdir = str(tmp_path_factory.mktemp(name))
+      bsq.train_and_evaluate(pipeline_config(name), workdir)
+      runs[name] = workdir
+    return runs[name]
+  return run
+
+
+@pytest.mark.parametrize("name", ["nnx_mnist_cnn", "linen_resnet"])
+def test_pipeline_lowers_precision_and_its_file_loads_identically(
+    name, pipeline_runs, tmp_path):
+  workdir = pipeline_runs(name)
+  model, variables = bsq.load(workdir, stage="bsq", mode="bsq")
+  result = load_result(workdir, "bsq")
+  assert min(result.scheme.values()) < 8, result.scheme
+  path = str(tmp_path / "model.bsq")
+  shape = tuple(result.model_config["input_shape"])
+  x = np.random.default_rng(0).normal(size=(4,) + shape).astype(np.float32)
+  bsq.save(path, model, variables, x[:1])
+  loaded, loaded_vars = bsq.load(path, mode="bsq")
+  np.testing.assert_array_equal(loaded.apply(loaded_vars, x),
+                                model.apply(variables, x))
+
+
+@pytest.mark.parametrize("name", ["wide_mlp", "big_head_cnn"])
+def test_pipeline_trains_a_large_layer_at_the_defaults(name, pipeline_runs):
+  records = [r for r in _records(pipeline_runs(name)) if r["stage"] == "bsq"]
+  assert len(records) == 3 and records[-1]["steps"] == 4
+  assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["penalty"])
+             for r in records)
+
+
+@pytest.mark.parametrize("name", ["nnx_mnist_cnn", "linen_resnet"])
+def test_kill_and_resume_in_a_new_process_gives_the_same_parameters(
+    name, pipeline_runs, tmp_path):
+  """main.py killed right after a host pass, then resumed: equal to the
+  uninterrupted run. The NNX instance and the ResNet's partial field are
+  rebuilt in the new process from the config file."""
+  workdir = pipeline_runs(name)
+  got = copy_run(workdir, tmp_path / "got")
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"),
+         f"--config={os.path.join(ROOT, 'tests', 'plain_config.py')}:{name}",
+         f"--workdir={got}"]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [ROOT, os.path.join(ROOT, "tests")]))
+  killed = subprocess.run(cmd, env=dict(env, BSQ_JAX_DIE_AT="host_pass:1"),
+                          capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  a, b = load_result(workdir, "bsq"), load_result(got, "bsq")
+  assert a.scheme == b.scheme
+  for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
