@@ -25,10 +25,10 @@ Names are imported on first use, so that `import bsq_jax.packed_format`
 import importlib
 
 _EXPORTS = {
-    "quantize_model": "bsq_jax.api", "bit_lasso": "bsq_jax.api",
+    "quantize_model": "bsq_jax.api", "bit_lasso": "bsq_jax.optim",
     "project": "bsq_jax.api", "clip_planes": "bsq_jax.api",
     "host_pass": "bsq_jax.api", "HostPass": "bsq_jax.api",
-    "to_finetune": "bsq_jax.api", "account": "bsq_jax.api",
+    "to_finetune": "bsq_jax.api", "account": "bsq_jax.scheme",
     "save": "bsq_jax.api", "load": "bsq_jax.api",
     "Rules": "bsq_jax.rules", "WeightRule": "bsq_jax.rules",
     "ActRule": "bsq_jax.rules", "RuleError": "bsq_jax.rules",

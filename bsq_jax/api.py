@@ -59,13 +59,6 @@ def quantize_model(model, rules: Rules = Rules(), *, bits: int = 8,
                         scale_grad)
 
 
-def bit_lasso(alpha: float, total_params: int
-              ) -> optax.GradientTransformation:
-  """The bit-level group Lasso as an optax transform: adds the gradient of
-  alpha * sum_layers m n R / TP (`total_params`: `account(params)`'s)."""
-  return optim.bit_lasso(alpha, total_params)
-
-
 def project(params):
   """Planes clipped into [0, 2], finetune levels into [-1, 1]; apply after
   `optax.apply_updates`, as `optax.projections` are."""
@@ -117,13 +110,6 @@ def to_finetune(params) -> Tuple[Any, sch.Scheme]:
   """bsq params -> (finetune params, scheme): each tensor's levels as float
   c at its fixed precision (1-bit all-zero tensors at 0 bits)."""
   return sch.bsq_to_finetune(jax.device_get(params))
-
-
-def account(params, scheme: Optional[Mapping[str, int]] = None
-            ) -> sch.Accounting:
-  """Bits per tensor, total weights, average bits and compression (32 /
-  average bits), of bsq params or of finetune params with their scheme."""
-  return sch.account(params, scheme)
 
 
 def _model_config(model: QuantizedModel, sample) -> dict:

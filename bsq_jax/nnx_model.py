@@ -11,8 +11,8 @@ author wrote it:
   `deterministic`, BatchNorm's `use_running_average`), so the adapter keeps
   one graph per mode, made from a copy, and `apply(train=...)` picks one;
 - dropout keys: a `rngs` argument of `__call__` gets `nnx.Rngs(dropout=key)`
-  from `apply`'s `rngs`; streams the module holds itself are reseeded from
-  the same key, so every step and device draws its own masks;
+  from `apply`'s `rngs`; every stream the module holds itself is reseeded
+  from the same key, so every step and device draws its own masks;
 - a `train` / `deterministic` argument of `__call__` is set as for linen;
 - while training over devices (`axis_name`), BatchNorm layers without an
   axis reduce their statistics over the devices, and plain `nnx.Conv`
@@ -115,6 +115,18 @@ class NNXModel:
       self._cache[key] = nnx.graphdef(module)
     return self._cache[key]
 
+  def _stream_keys(self, key) -> Dict[str, Any]:
+    """A key for every random stream the module holds: "dropout" gets
+    `key`, any other (a model's own `nnx.Rngs(0)` for its dropout) one
+    folded from it, so that no stream repeats its draws from step to step."""
+    if "streams" not in self._cache:
+      keys = jax.tree.leaves(self._parts()[3],
+                             is_leaf=lambda v: isinstance(v, nnx.RngKey))
+      self._cache["streams"] = sorted({v.tag for v in keys
+                                       if isinstance(v, nnx.RngKey)})
+    return {name: key if name == "dropout" else jax.random.fold_in(key, i + 1)
+            for i, name in enumerate(self._cache["streams"])}
+
   def owners(self) -> Dict[str, type]:
     """The class of every module by path, NNX layers as their linen
     equivalents (what the rules know)."""
@@ -151,7 +163,7 @@ class NNXModel:
     kwargs = call_kwargs(call, train, kwargs)
     key = (rngs or {}).get("dropout")
     if key is not None:
-      nnx.reseed(module, dropout=key)
+      nnx.reseed(module, **self._stream_keys(key))
       if "rngs" in call and train:
         kwargs["rngs"] = nnx.Rngs(dropout=key)
     out = module(*args, **kwargs)

@@ -443,3 +443,38 @@ def test_kill_and_resume_in_a_new_process_gives_the_same_parameters(
 def _records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def test_clip_planes_in_a_chain_lands_where_project_does():
+  model = bsq.quantize_model(WideMLP())
+  x, y = images((32, 32, 3), n=16)
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, x), y).mean())(params)
+  big = jax.tree.map(lambda g: 1e4 * g, grads)  # steps far out of the box
+  tx = optax.chain(optax.sgd(1.0), bsq.clip_planes())
+  updates, _ = tx.update(big, tx.init(params), params)
+  chained = optax.apply_updates(params, updates)
+  unclipped = optax.apply_updates(
+      params, optax.sgd(1.0).update(big, optax.sgd(1.0).init(params))[0])
+  projected = bsq.project(unclipped)
+  outside = unclipped["Dense_0"]["kernel"].pos
+  assert float(outside.min()) < 0 or float(outside.max()) > 2  # the premise
+  planes = chained["Dense_0"]["kernel"]
+  assert float(planes.pos.min()) >= 0 and float(planes.pos.max()) <= 2
+  for a, b in zip(jax.tree.leaves(chained), jax.tree.leaves(projected)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_public_names_resolve_and_none_is_also_a_module():
+  """`bsq_jax.<name>` must not depend on what was imported before, as it
+  would if a name were also a submodule's (importing the module rebinds it)."""
+  import pkgutil  # pylint: disable=import-outside-toplevel
+  modules = {m.name for m in pkgutil.iter_modules(bsq.__path__)}
+  assert not set(bsq.__all__) & modules
+  assert all(getattr(bsq, name) is not None for name in bsq.__all__)
+  reader = subprocess.run(
+      [sys.executable, "-c", "import sys, bsq_jax.packed_format; "
+       "print('jax' in sys.modules)"], env=user_env(), capture_output=True,
+      text=True, timeout=120)
+  assert reader.stdout.strip() == "False", reader.stderr[-2000:]
