@@ -41,7 +41,9 @@ class CNN(nn.Module):
     return nn.Dense(10)(x)
 
 
-def train_epoch(model, params, tx, opt_state, clip, epoch):
+def make_step(model, tx, clip):
+  """One jitted SGD step; it compiles again only when the planes' shapes
+  change (after a host pass)."""
   @jax.jit
   def step(params, opt_state, x, y):
     def loss_fn(p):
@@ -51,6 +53,10 @@ def train_epoch(model, params, tx, opt_state, clip, epoch):
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return (bsq.project(params) if clip else params), opt_state, loss
+  return step
+
+
+def train_epoch(step, params, opt_state, epoch):
   order = np.random.default_rng(epoch).permutation(len(y_train))
   for i in range(0, len(order) - BATCH + 1, BATCH):
     ids = order[i:i + BATCH]
@@ -66,23 +72,24 @@ def accuracy(model, variables):
 sgd = lambda lr: optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(lr, 0.9))
 float_tx = sgd(0.05)
 float_params = CNN().init(jax.random.key(0), x_train[:1])["params"]
-float_params, _, loss = train_epoch(CNN(), float_params, float_tx,
-                                    float_tx.init(float_params), False, 0)
+float_params, _, loss = train_epoch(make_step(CNN(), float_tx, False), float_params,
+                                    float_tx.init(float_params), 0)
 print(f"float: loss {loss:.3f}, test accuracy {accuracy(CNN(), {'params': float_params}):.2%}")
 
 model = bsq.quantize_model(CNN(), bsq.Rules())          # every kernel, 8-bit planes
 params = model.encode(float_params, x_train[:1])
 tx = optax.chain(bsq.bit_lasso(ALPHA, bsq.account(params).total_params), sgd(0.05))
-opt_state = tx.init(params)
+opt_state, step = tx.init(params), make_step(model, tx, True)
 for epoch in range(BSQ_EPOCHS):
-  params, opt_state, loss = train_epoch(model, params, tx, opt_state, True, epoch + 1)
+  params, opt_state, loss = train_epoch(step, params, opt_state, epoch + 1)
   params, opt_state, scheme = bsq.host_pass(params, tx, opt_state)
   print(f"bsq epoch {epoch + 1}: loss {loss:.3f}, {bsq.account(params).average_bits:.2f} "
         f"bits, test accuracy {accuracy(model, {'params': params}):.2%}, {scheme}")
 
 ft_params, scheme = bsq.to_finetune(params)
 ft_model, ft_tx = model.finetune(scheme), sgd(0.005)
-ft_params, _, loss = train_epoch(ft_model, ft_params, ft_tx, ft_tx.init(ft_params), True, 9)
+ft_params, _, loss = train_epoch(make_step(ft_model, ft_tx, True), ft_params,
+                                 ft_tx.init(ft_params), BSQ_EPOCHS + 1)
 acc = bsq.account(ft_params, scheme)
 print(f"finetuned: {acc.average_bits:.2f} bits ({acc.compression:.1f}x), "
       f"test accuracy {accuracy(ft_model, {'params': ft_params}):.2%}")

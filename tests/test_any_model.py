@@ -2,7 +2,6 @@
 pipeline on an ordinary CNN and MLP defined here with nothing from bsq_jax."""
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ from bsq_jax.packed_loader import load_model
 from bsq_jax.quantize import QuantizedModel
 from bsq_jax.rules import ActRule, RuleError, Rules, WeightRule
 from bsq_jax.train import train_and_evaluate
-from tiny import copy_run, tiny_config, user_env
+from tiny import copy_run, kill_resume_and_compare, tiny_config, user_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X = jnp.zeros((2, 32, 32, 3))
@@ -234,22 +233,7 @@ def test_kill_and_resume_gives_the_same_parameters(cnn_run, tmp_path):
   pass that changed the precision, resumed, equal to the uninterrupted run
   (both start from the fixture's pretrain and convert)."""
   module, workdir = cnn_run
-  got = copy_run(workdir, tmp_path / "got")
-  cmd = [sys.executable, os.path.join(ROOT, "main.py"),
-         "--config=" + os.path.join(ROOT, "tests", "plain_config.py") + ":"
-         + type(module).__name__, f"--workdir={got}"]
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [ROOT, os.path.join(ROOT, "tests")]))
-  killed = subprocess.run(cmd, env=dict(env, BSQ_JAX_DIE_AT="host_pass:1"),
-                          capture_output=True, text=True, timeout=300)
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  done = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
-  a, b = load_result(workdir, "bsq"), load_result(got, "bsq")
-  assert a.scheme == b.scheme
-  for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
-    np.testing.assert_array_equal(x, y)
+  kill_resume_and_compare(workdir, tmp_path, type(module).__name__)
 
 
 def test_nnx_model_trains_with_a_host_pass_that_lowers_precision(tmp_path):

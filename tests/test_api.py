@@ -7,7 +7,6 @@ example's shape), and an MLP with a dense layer of 786k weights."""
 import functools
 import json
 import os
-import signal
 import subprocess
 import sys
 from typing import Any, Callable, Sequence
@@ -22,11 +21,10 @@ import pytest
 from flax import nnx
 
 import bsq_jax as bsq
-from bsq_jax import optim
 from bsq_jax.models import build_model, fields
 from bsq_jax.checkpoint import load_result
 from bsq_jax.models.any_flax import model_config
-from tiny import copy_run, tiny_config, user_env
+from tiny import kill_resume_and_compare, tiny_config, user_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -231,16 +229,20 @@ def test_host_pass_keeps_optimizer_state_where_shapes_stay():
   assert jax.tree.structure(new) == jax.tree.structure(params)
 
 
-def test_large_layer_scale_stays_finite_with_lsq_and_not_without():
+@pytest.mark.parametrize("module", [WideMLP(), BigHeadCNN()],
+                         ids=["wide_mlp", "big_head_cnn"])
+def test_large_layer_scale_stays_finite_with_lsq_and_not_without(module):
   """The divergence the default prevents: at the pipeline's lr 0.1 the one
   scale of a 786k-weight layer takes steps as large as the layer."""
   x, y = images((32, 32, 3), n=128)
   scales = {}
   for scale_grad in ("lsq", "none"):
-    model = bsq.quantize_model(WideMLP(), scale_grad=scale_grad)
-    params = model.init(jax.random.key(0), x[:1])["params"]
+    model = bsq.quantize_model(module, scale_grad=scale_grad)
+    variables = model.init(jax.random.key(0), x[:1])
+    params = variables["params"]
     start = float(params["Dense_0"]["kernel"].scale)
-    params, *_, losses = own_loop(model, params, {}, x, y, 0.3, 10)
+    params, *_, losses = own_loop(model, params, variables["batch_stats"], x,
+                                  y, 0.3, 10)
     scales[scale_grad] = (float(params["Dense_0"]["kernel"].scale) / start,
                           losses)
   ratio, losses = scales["lsq"]
@@ -407,7 +409,7 @@ def test_pipeline_lowers_precision_and_its_file_loads_identically(
                                 model.apply(variables, x))
 
 
-@pytest.mark.parametrize("name", ["wide_mlp", "big_head_cnn"])
+@pytest.mark.parametrize("name", ["wide_mlp"])
 def test_pipeline_trains_a_large_layer_at_the_defaults(name, pipeline_runs):
   records = [r for r in _records(pipeline_runs(name)) if r["stage"] == "bsq"]
   assert len(records) == 3 and records[-1]["steps"] == 4
@@ -421,23 +423,7 @@ def test_kill_and_resume_in_a_new_process_gives_the_same_parameters(
   """main.py killed right after a host pass, then resumed: equal to the
   uninterrupted run. The NNX instance and the ResNet's partial field are
   rebuilt in the new process from the config file."""
-  workdir = pipeline_runs(name)
-  got = copy_run(workdir, tmp_path / "got")
-  cmd = [sys.executable, os.path.join(ROOT, "main.py"),
-         f"--config={os.path.join(ROOT, 'tests', 'plain_config.py')}:{name}",
-         f"--workdir={got}"]
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [ROOT, os.path.join(ROOT, "tests")]))
-  killed = subprocess.run(cmd, env=dict(env, BSQ_JAX_DIE_AT="host_pass:1"),
-                          capture_output=True, text=True, timeout=300)
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  done = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
-  a, b = load_result(workdir, "bsq"), load_result(got, "bsq")
-  assert a.scheme == b.scheme
-  for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
-    np.testing.assert_array_equal(x, y)
+  kill_resume_and_compare(pipeline_runs(name), tmp_path, name)
 
 
 def _records(workdir):
