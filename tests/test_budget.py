@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bsq_jax import budget as bud
+from bsq_jax import packed_format
 from bsq_jax.budget import BudgetController
 from bsq_jax.scheme import Accounting
 
@@ -72,7 +73,6 @@ def test_kbytes_formula_by_hand():
 
 
 def test_kbytes_is_the_quantized_part_of_the_export_formula():
-  packed_format = pytest.importorskip("bsq_jax.packed_format")
   bits = {"a": 3, "b": 0, "c": 7}
   sizes = {"a": 1001, "b": 9, "c": 333}
   acc = Accounting(bits=bits, sizes=sizes)
@@ -126,6 +126,10 @@ def test_measure_on_real_params_matches_requantize_and_leaves_input():
   assert got_bits == acc.average_bits
   assert got_kb == bud.kbytes(acc)
   assert got_bits < 8.0 and new_scheme[first] <= 6
+  # By hand: random 8-bit tensors keep 8 bits, the first loses its two
+  # cleared MSB planes, the halved second still needs 8 (level 128).
+  m = {p: int(np.prod(v.pos.shape[:-1])) for p, v in sch.quantized(params)}
+  assert got_bits == pytest.approx(8 - 2 * m[first] / sum(m.values()))
   assert bud.measure_accounting(params) == acc
   # The soft size counts log2(M + 1) bits per tensor: never more than the
   # whole planes, and below them where the largest level M < 2**n - 1.

