@@ -42,8 +42,8 @@ RESETS = ("changed", "all")
 
 
 def quantize_model(model, rules: Rules = Rules(), *, bits: int = 8,
-             scale_grad: str = "lsq",
-             axis_name: Optional[str] = None) -> QuantizedModel:
+                   scale_grad: str = "lsq",
+                   axis_name: Optional[str] = None) -> QuantizedModel:
   """A linen module or an nnx.Module, unchanged, with the parameters that
   `rules` select held as `bits`-bit planes. Its `init` gives those planes
   (an NNX module's own current weights, encoded); its `apply` takes planes
@@ -133,7 +133,7 @@ def _model_config(model: QuantizedModel, sample) -> dict:
 
 
 def save(path: str, model: QuantizedModel, variables: Mapping[str, Any],
-           sample):
+         sample):
   """Writes the packed model file (each tensor bit-packed at its precision);
   returns its `ExportStats`. `variables` in bsq form (planes) or finetune
   form (`model` then holds the scheme); `sample`: an input batch."""
@@ -149,7 +149,8 @@ def save(path: str, model: QuantizedModel, variables: Mapping[str, Any],
 
 def load(source: str, stage: Optional[str] = None, mode: str = "finetune"
          ) -> Tuple[QuantizedModel, dict]:
-  """(model, variables) from a packed file or a run's workdir (its `stage`,
+  """(model, variables) from a packed file (in `mode`: "finetune" levels or
+  "bsq" planes) or a run's workdir (its `stage` in that stage's own mode,
   by default the last finished of finetune, bsq); `model.apply(variables,
   x)` gives the trained network's logits."""
   if os.path.isdir(source):

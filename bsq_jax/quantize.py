@@ -73,9 +73,10 @@ class Layout:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedModel:
-  """An unchanged Flax linen model, with BSQ's storage for what `rules`
-  select, in the mode and scheme of `quant`."""
-  model: nn.Module
+  """An unchanged Flax model (a linen module, or an NNX module through
+  `NNXModel`), with BSQ's storage for what `rules` select, in the mode and
+  scheme of `quant`."""
+  model: Any
   rules: Rules = Rules()
   quant: Quant = Quant()
   axis_name: Optional[str] = None

@@ -290,6 +290,23 @@ def check_quoted_smoke_table(summary: str) -> None:
                float(cells[2].rstrip("%"))) <= 5 * 100 / 256 + 1e-6, stage
 
 
+def test_the_suite_size_the_docs_quote(request):
+  """docs/testing.md quotes the suite's last full run ("N passed, M
+  skipped"): N + M is the number of tests there are. Only a run that
+  collected every test file can know that number."""
+  files = {os.path.basename(str(i.fspath)) for i in request.session.items}
+  every = {os.path.basename(p)
+           for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py"))}
+  if files != every:
+    pytest.skip("a partial run does not know the suite's size")
+  with open(os.path.join(ROOT, "docs", "testing.md")) as f:
+    quoted = re.search(r"The whole suite now: (\d+) passed, (\d+) skipped",
+                       " ".join(f.read().split()))
+  assert quoted, "docs/testing.md: no 'The whole suite now: N passed, M skipped'"
+  assert int(quoted.group(1)) + int(quoted.group(2)) == len(
+      request.session.items)
+
+
 def test_the_bad_input_count_the_docs_quote():
   """docs/testing.md and docs/reliability.md quote the bad-input
   catalogue's size: the catalogue's."""
