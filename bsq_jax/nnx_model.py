@@ -154,11 +154,11 @@ class NNXModel:
   def apply(self, variables, *args, train: bool = False, mutable=False,
             rngs=None, axis_name: Optional[str] = None, **kwargs):
     _, params, stats, rest = self._parts()
-    params, stats = _filled(params, variables["params"]), stats
-    if variables.get("batch_stats"):
-      stats = _filled(stats, variables["batch_stats"])
-    module = nnx.merge(self._graph(train, axis_name), params, stats,
-                       _copy(rest))  # fresh variables of this trace
+    # Fresh variables of this trace: the templates' were made outside it.
+    module = nnx.merge(self._graph(train, axis_name),
+                       _filled(params, variables["params"]),
+                       _filled(stats, variables.get("batch_stats") or {}),
+                       _copy(rest))
     call = self.call_params()
     kwargs = call_kwargs(call, train, kwargs)
     key = (rngs or {}).get("dropout")
@@ -178,7 +178,9 @@ def _copy(state: nnx.State) -> nnx.State:
 
 
 def _filled(template: nnx.State, values: Mapping[str, Any]) -> nnx.State:
-  """A copy of `template` holding `values` (a pure dict of the same paths)."""
+  """A copy of `template` holding `values` (a pure dict of the same paths;
+  empty: the template's own)."""
   state = _copy(template)
-  nnx.replace_by_pure_dict(state, values)
+  if values:
+    nnx.replace_by_pure_dict(state, values)
   return state

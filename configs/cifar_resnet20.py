@@ -1,4 +1,4 @@
-"""The paper's CIFAR-10 ResNet-20 pipeline (BSQ_SPEC.md section 10).
+"""The paper's CIFAR-10 ResNet-20 pipeline (docs/algorithm.md).
 
     python main.py --config=configs/cifar_resnet20.py
 
