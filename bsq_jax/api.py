@@ -30,7 +30,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bsq_jax import bitplanes as bp
 from bsq_jax import optim
 from bsq_jax import scheme as sch
 from bsq_jax.layers import Quant, freeze_scheme
@@ -138,8 +137,7 @@ def save(path: str, model: QuantizedModel, variables: Mapping[str, Any],
   returns its `ExportStats`. `variables` in bsq form (planes) or finetune
   form (`model` then holds the scheme); `sample`: an input batch."""
   from bsq_jax.export import export_model  # pylint: disable=import-outside-toplevel
-  planes = any(isinstance(v, bp.BitPlanes)
-               for _, v in sch.quantized(variables["params"]))
+  planes = bool(sch.scheme_of(variables["params"]))  # any BitPlanes
   mode = "bsq" if planes else "finetune"
   scheme = None if planes else model.quant.scheme
   variables = {"batch_stats": {}, **jax.device_get(dict(variables))}
