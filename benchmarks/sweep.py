@@ -154,18 +154,8 @@ def run_all(p: Preset, workdir: str, seed: int = 0) -> Dict[str, float]:
   """Runs (or resumes) every planned run; returns seconds spent per run,
   kept in <workdir>/times.json across resumptions. The uniform runs are
   planned once the alpha runs have given their bits."""
-  from absl import logging  # pylint: disable=import-outside-toplevel
-  from bsq_jax import report  # pylint: disable=import-outside-toplevel
   from bsq_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.INFO)
-  report.quiet_libraries()
-  # Every alpha run compiles the same 8-bit BSQ step and the same evaluation:
-  # a compile cache in the workdir (unless the environment names one) pays
-  # for them once, and again for nothing when a sweep resumes.
-  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.abspath(os.path.join(workdir, "xla_cache")))
+  quiet_and_cached(workdir)
   times_path = os.path.join(workdir, "times.json")
   times = json.load(open(times_path)) if os.path.exists(times_path) else {}
 
@@ -188,6 +178,19 @@ def run_all(p: Preset, workdir: str, seed: int = 0) -> Dict[str, float]:
     if run.name.startswith("uniform_"):
       run_one(run)
   return times
+
+
+def quiet_and_cached(workdir: str) -> None:
+  """Libraries quiet (the runs' own progress lines stay), and a compile
+  cache in `workdir` (unless the environment names one): every run compiles
+  the same 8-bit BSQ step and the same evaluation, once, and again for
+  nothing when a study resumes."""
+  from bsq_jax import report  # pylint: disable=import-outside-toplevel
+  report.quiet_libraries()
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.abspath(os.path.join(workdir, "xla_cache")))
 
 
 def share_traces(workdir: str, dst: str) -> None:
@@ -562,7 +565,7 @@ def plots(p: Preset, r: dict, plot_dir: str) -> List[str]:
   ax.set_ylabel("test accuracy (%)")
   ax.set_title("finetuned alike; numbers: BSQ's alpha", fontsize=9)
   ax.legend(fontsize=8)
-  paths.append(_save(fig, plot_dir, "accuracy_vs_bits.png"))
+  paths.append(save_figure(fig, plot_dir, "accuracy_vs_bits.png"))
 
   fig, ax = plt.subplots(figsize=(8, 4))
   for i, x in enumerate(sorted(r["alphas"], key=lambda x: x["alpha"])):
@@ -578,7 +581,7 @@ def plots(p: Preset, r: dict, plot_dir: str) -> List[str]:
                      fontsize=6)
   ax.set_ylabel("bits")
   ax.legend(fontsize=6, ncol=2)
-  paths.append(_save(fig, plot_dir, "layer_bits.png"))
+  paths.append(save_figure(fig, plot_dir, "layer_bits.png"))
 
   curve = r["curve"]
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -594,11 +597,11 @@ def plots(p: Preset, r: dict, plot_dir: str) -> List[str]:
   if p.bsq[0] % p.requant_interval:
     ax.axvline(p.bsq[0], color="gray", ls=":", lw=0.8)
   ax.set_title(f"alpha {curve['alpha']:g}; dotted: re-quantization")
-  paths.append(_save(fig, plot_dir, "bsq_by_epoch.png"))
+  paths.append(save_figure(fig, plot_dir, "bsq_by_epoch.png"))
   return paths
 
 
-def _save(fig, plot_dir: str, name: str) -> str:
+def save_figure(fig, plot_dir: str, name: str) -> str:
   path = os.path.join(plot_dir, name)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -606,10 +609,11 @@ def _save(fig, plot_dir: str, name: str) -> str:
 
 
 # Flags about the report, not the runs: left out of the command it shows.
-REPORT_FLAGS = ("--note", "--repeat", "--repeat-note")
+REPORT_FLAGS = ("--note", "--repeat", "--repeat-note", "--reading")
 
 
-def shown_command(argv: List[str]) -> str:
+def shown_command(argv: List[str],
+                  script: str = "benchmarks/sweep.py") -> str:
   """The command that reproduces the runs: without --report-only and the
   report's own flags (REPORT_FLAGS) and their values."""
   kept, skip = [], False
@@ -621,7 +625,17 @@ def shown_command(argv: List[str]) -> str:
     elif a != "--report-only" and not a.startswith(
         tuple(f + "=" for f in REPORT_FLAGS)):
       kept.append(a)
-  return "python benchmarks/sweep.py " + shlex.join(kept)
+  return f"python {script} " + shlex.join(kept)
+
+
+def write_report(out: str, text: str, figures: dict) -> None:
+  """The report at `out`, its figures as JSON in its plot folder (what a
+  later report compares with), and the text on stdout."""
+  with open(out, "w") as f:
+    f.write(text)
+  with open(os.path.join(os.path.splitext(out)[0], "figures.json"), "w") as f:
+    json.dump(figures, f, indent=1)
+  print(text)
 
 
 def main(argv=None) -> None:
@@ -668,13 +682,8 @@ def main(argv=None) -> None:
               f"Run 2: the runs in {args.repeat}.")
   plot_dir = os.path.splitext(args.out)[0]
   plots(preset, result, plot_dir)
-  text = markdown(preset, result, command, times, plot_dir, describe(),
-                  args.note, repeat)
-  with open(args.out, "w") as f:
-    f.write(text)
-  with open(os.path.join(plot_dir, "figures.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  print(text)
+  write_report(args.out, markdown(preset, result, command, times, plot_dir,
+                                  describe(), args.note, repeat), result)
 
 
 if __name__ == "__main__":

@@ -67,9 +67,9 @@ class Result:
 
 
 @contextlib.contextmanager
-def _ctrl_c_after():
-  """Ctrl-C waits until orbax has taken the save: one that came in the
-  middle would lose the epoch just trained."""
+def ctrl_c_after():
+  """Ctrl-C waits until the block ends: one that came in the middle of a
+  save would lose the epoch just trained."""
   if threading.current_thread() is not threading.main_thread():
     yield
     return
@@ -118,7 +118,7 @@ class StageCheckpoints:
     # (a compiled slice per shape, 4 of a tiny run's 40 s), and with several
     # processes it cannot write pmap's host-local arrays as one global array
     # at all. The values are the same on every device and process.
-    with _ctrl_c_after():
+    with ctrl_c_after():
       state = jax.device_get(state)
       self.manager.save(epoch, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

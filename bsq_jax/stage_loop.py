@@ -37,7 +37,7 @@ from bsq_jax import optim
 from bsq_jax import report
 from bsq_jax import scheme as sch
 from bsq_jax.checkpoint import (ForeignCheckpoint, Result, StageCheckpoints,
-                                abstract_state)
+                                abstract_state, ctrl_c_after)
 from bsq_jax.epoch import AXIS, Trainer
 from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model
@@ -262,14 +262,17 @@ class StageLoop:
                       **(self.evaluate(trainer, state) if tested else {}),
                       **self.accounting(mode, state.params, scheme, finished),
                       **{k: v for k, v in extra.items() if k != "budget"})
-        self.log_epoch(record, epochs)
-        if controller is not None:  # alpha per epoch on the progress line too
-          logging.info("%s epoch %d budget: %s", stage, epoch + 1,
-                       controller.progress())
         meta = self.meta(mode, scheme, alpha, finished)
         meta.update({k: v for k, v in extra.items()
                      if k.startswith("budget")})
-        ck.save(epoch + 1, state, meta)
+        # An epoch shown is an epoch saved: Ctrl-C after its line waits
+        # for the save.
+        with ctrl_c_after():
+          self.log_epoch(record, epochs)
+          if controller is not None:  # alpha per epoch on the progress line
+            logging.info("%s epoch %d budget: %s", stage, epoch + 1,
+                         controller.progress())
+          ck.save(epoch + 1, state, meta)
     except KeyboardInterrupt:
       ck.wait()  # what was being saved is complete, as the message says
       saved = ck.latest_epoch()

@@ -218,7 +218,10 @@ def test_ctrl_c_is_one_line_and_the_same_command_resumes(tmp_path):
   args = [sys.executable, "main.py", "--config=configs/smoke.py",
           f"--workdir={tmp_path / 'run'}", "--config.stages=pretrain",
           "--config.pretrain.epochs=3"]
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  # A compile cache of its own: JAX writes cache files in place, and one cut
+  # short by the interrupt must not reach the other tests' processes.
+  env = dict(os.environ, PYTHONPATH=ROOT,
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"))
   proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True)
   seen = []

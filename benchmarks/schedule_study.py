@@ -1,0 +1,470 @@
+"""Does BSQ catch up with HAWQ-V2 when it has time? Matched bits, longer
+schedules, on Fashion-MNIST.
+
+    apt-get install -y dataset-fashion-mnist
+    python benchmarks/schedule_study.py --out results/fashion_mnist_schedule.md
+
+At a fixed target of average bits (budget mode, `bsq.target_bits`), the BSQ
+schedule is lengthened 1x, 3x and 9x. At each length every method gets the
+same finetuning, which grows with it (about half the BSQ epochs, at least
+3): BSQ then finetuned; HAWQ-V2 at BSQ's finetuned size; from-scratch at
+BSQ's scheme; uniform at the nearest whole precision. Learning-rate drops
+sit at the same fractions of every schedule and BSQ re-quantizes every
+third of its schedule. Besides:
+- 1x BSQ with the longest finetuning: what longer finetuning alone gives;
+- a fixed-alpha BSQ at the longest length, at the alpha that budget mode
+  ended with there, to show that the two agree;
+- 1x again from another seed (its own float model): the noise.
+
+All runs share one float pretraining (per seed), tested every epoch so that
+its curve shows it has flattened. Each run is a workdir under --workdir:
+an interrupted study resumes where it stopped, and --report-only rewrites
+the report from finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=wrong-import-position
+from bsq_jax.checkpoint import copy_stages
+from configs import fashion_mnist_resnet20
+import sweep
+from sweep import Planned as Run
+from sweep import last, nearest_bits, noise, pct, records
+
+Schedule = Tuple[int, Tuple[int, ...]]  # (epochs, lr milestones)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  depth: int                  # CIFAR ResNet depth (6k+2)
+  train_subset: int           # first N training images
+  image_size: int             # 28: Fashion-MNIST unpadded
+  pretrain: Schedule
+  bsq_epochs: int             # at 1x
+  lengths: Tuple[int, ...]    # multiples of the 1x BSQ schedule
+  targets: Tuple[float, ...]  # average bits, budget mode
+  default_alpha: float        # budget mode's first alpha
+  alpha_range: Tuple[float, float]
+  repeat_seed: int = 1
+
+
+STUDY = Study(depth=8, train_subset=6000, image_size=28,
+              pretrain=(20, (12, 17)), bsq_epochs=6, lengths=(1, 3, 9),
+              targets=(2.0,), default_alpha=0.5, alpha_range=(0.01, 20.0))
+
+# Fractions of a schedule where the learning rate drops: BSQ's as the cpu
+# sweep's (5 of 6 epochs), finetuning's as its 3-epoch default (2 of 3).
+BSQ_DROP, FINETUNE_DROP = 5 / 6, 2 / 3
+
+
+def bsq_schedule(s: Study, length: int) -> Tuple[Schedule, int]:
+  """BSQ's (epochs, milestones) at `length` times 1x, and its interval
+  between host passes (a third of the schedule)."""
+  epochs = s.bsq_epochs * length
+  return (epochs, (round(epochs * BSQ_DROP),)), max(1, round(epochs / 3))
+
+
+def finetune_schedule(s: Study, length: int) -> Schedule:
+  """About half of BSQ's epochs at that length, never fewer than 3."""
+  epochs = max(3, round(s.bsq_epochs * length / 2))
+  return epochs, (round(epochs * FINETUNE_DROP),)
+
+
+def base_name(seed: int) -> str:
+  return f"base_seed{seed}"
+
+
+def bsq_name(target: float, length: int, seed: int = 0) -> str:
+  return f"t{target:g}_x{length}" + (f"_seed{seed}" if seed else "")
+
+
+def schedules(s: Study, bsq_length: int, ft_length: int) -> Dict[str, object]:
+  (epochs, drops), interval = bsq_schedule(s, bsq_length)
+  ft_epochs, ft_drops = finetune_schedule(s, ft_length)
+  return {"bsq.epochs": epochs, "bsq.lr_milestones": drops,
+          "bsq.requant_interval": interval, "finetune.epochs": ft_epochs,
+          "finetune.lr_milestones": ft_drops}
+
+
+def budget(s: Study, target: float) -> Dict[str, object]:
+  return {"bsq.alpha": None, "bsq.target_bits": target,
+          "bsq.default_alpha": s.default_alpha,
+          "bsq.budget_alpha_min": s.alpha_range[0],
+          "bsq.budget_alpha_max": s.alpha_range[1]}
+
+
+def plan(s: Study, measured: Optional[Dict[str, dict]] = None) -> List[Run]:
+  """The runs, most needed first. `measured` (run name -> its BSQ record)
+  adds the runs that need a finished one: uniform at BSQ's nearest whole
+  precision, and the fixed-alpha check at the alpha budget mode ended with."""
+  measured = measured or {}
+  floats = ("pretrain", "convert")
+  longest = max(s.lengths)
+  runs = [Run(base_name(0), "pretrain,convert", {"eval_every": 1}, None)]
+  for t in s.targets:
+    runs += [Run(bsq_name(t, n), "bsq,finetune,scratch,hawq",
+                 {**budget(s, t), **schedules(s, n, n)}, base_name(0), floats)
+             for n in s.lengths]
+  for t in s.targets:
+    for n in s.lengths:
+      done = measured.get(bsq_name(t, n))
+      if done is not None:
+        bits = nearest_bits(done["average_bits"])
+        runs.append(Run(f"uniform{bits}_x{n}", "convert,uniform",
+                        {"convert.bits": bits, **schedules(s, n, n)},
+                        base_name(0), ("pretrain",)))
+    runs.append(Run(f"{bsq_name(t, 1)}_ft{longest}", "finetune",
+                    {**budget(s, t), **schedules(s, 1, longest)},
+                    bsq_name(t, 1), floats + ("bsq",)))
+    done = measured.get(bsq_name(t, longest))
+    if done is not None:
+      runs.append(Run(f"{bsq_name(t, longest)}_fixed", "bsq,finetune",
+                      {"bsq.alpha": done["alpha"],
+                       **schedules(s, longest, longest)}, base_name(0), floats))
+  seed = {"seed": s.repeat_seed}
+  runs.append(Run(base_name(s.repeat_seed), "pretrain,convert",
+                  {"eval_every": 1, **seed}, None))
+  runs += [Run(bsq_name(t, 1, s.repeat_seed), "bsq,finetune,scratch,hawq",
+               {**budget(s, t), **schedules(s, 1, 1), **seed},
+               base_name(s.repeat_seed), floats) for t in s.targets]
+  return runs
+
+
+def config_for(s: Study, run: Run):
+  c = fashion_mnist_resnet20.get_config()
+  c.model.depth = s.depth
+  c.model.image_size = c.data.image_size = s.image_size
+  c.data.train_subset = s.train_subset
+  c.pretrain.epochs, c.pretrain.lr_milestones = s.pretrain
+  c.eval_every = 10**6  # the test set only at the end of each stage
+  c.stages = run.stages
+  c.update_from_flattened_dict(run.changes)
+  return c
+
+
+# -- running ------------------------------------------------------------------
+
+def measured_bsq(s: Study, workdir: str) -> Dict[str, dict]:
+  """Each finished budget run's last BSQ record, by run name."""
+  found = {}
+  for t in s.targets:
+    for n in s.lengths:
+      path = os.path.join(workdir, bsq_name(t, n), "metrics.jsonl")
+      rec = last(records(workdir, bsq_name(t, n)), "bsq") if os.path.exists(
+          path) else None
+      if rec is not None and rec["epoch"] == bsq_schedule(s, n)[0][0]:
+        found[bsq_name(t, n)] = rec
+  return found
+
+
+def run_all(s: Study, workdir: str) -> Dict[str, float]:
+  """Runs (or resumes) every planned run; seconds per run are kept in
+  <workdir>/times.json across resumptions."""
+  from bsq_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  sweep.quiet_and_cached(workdir)
+  times_path = os.path.join(workdir, "times.json")
+  times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+  done = set()
+  while True:  # the plan grows as runs finish
+    todo = [r for r in plan(s, measured_bsq(s, workdir)) if r.name not in done]
+    if not todo:
+      return times
+    run = todo[0]
+    dst = os.path.join(workdir, run.name)
+    if run.copy_from and not os.path.exists(dst):
+      copy_stages(os.path.join(workdir, run.copy_from), dst, run.copy_stages)
+    sweep.share_traces(workdir, dst)
+    print(f"study: {run.name} ({run.stages})", flush=True)
+    t0 = time.time()
+    train_and_evaluate(config_for(s, run), dst)
+    times[run.name] = times.get(run.name, 0.0) + time.time() - t0
+    with open(times_path, "w") as f:
+      json.dump(times, f, indent=1)
+    done.add(run.name)
+
+
+# -- reading the runs back ----------------------------------------------------
+
+def bsq_row(workdir: str, name: str) -> Optional[dict]:
+  """A BSQ run's figures and its baselines' (those it ran), or None if its
+  BSQ stage has not finished."""
+  if not os.path.exists(os.path.join(workdir, name, "metrics.jsonl")):
+    return None
+  recs = records(workdir, name)
+  epochs = [r for r in recs if r["stage"] == "bsq"]
+  bsq = last(recs, "bsq")
+  if bsq is None or "test_accuracy" not in bsq:
+    return None
+  get = lambda stage, key: (last(recs, stage) or {}).get(key)  # pylint: disable=unnecessary-lambda-assignment
+  alphas = [r["alpha"] for r in epochs]
+  return {"name": name, "steps": sum(r["steps"] for r in epochs),
+          "epochs": len(epochs), "alphas": alphas,
+          "met": bsq.get("budget_report", {}).get("met"),
+          "bits": bsq["average_bits"], "bsq_acc": bsq["test_accuracy"],
+          "ft_bits": get("finetune", "average_bits"),
+          "ft_acc": get("finetune", "test_accuracy"),
+          "ft_epochs": get("finetune", "epoch"),
+          "hawq_bits": get("hawq", "average_bits"),
+          "hawq_acc": get("hawq", "test_accuracy"),
+          "scratch_acc": get("scratch", "test_accuracy"),
+          "layers": bsq["bits"], "hawq_layers": get("hawq", "bits")}
+
+
+def finetuned_only(workdir: str, name: str) -> Optional[dict]:
+  """A run that only finetunes another's BSQ result: its BSQ figures are
+  the copied run's, its finetuning its own."""
+  if not os.path.exists(os.path.join(workdir, name, "metrics.jsonl")):
+    return None
+  ft = last(records(workdir, name), "finetune")
+  return None if ft is None else {"ft_acc": ft["test_accuracy"],
+                                  "ft_bits": ft["average_bits"],
+                                  "ft_epochs": ft["epoch"]}
+
+
+def uniform_acc(workdir: str, length: int, bits: int) -> Optional[float]:
+  path = os.path.join(workdir, f"uniform{bits}_x{length}", "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  rec = last(records(workdir, f"uniform{bits}_x{length}"), "uniform")
+  return None if rec is None else rec["test_accuracy"]
+
+
+def float_curve(workdir: str, seed: int) -> List[float]:
+  recs = records(workdir, base_name(seed))
+  return [r["test_accuracy"] for r in recs if r["stage"] == "pretrain"]
+
+
+def collect(s: Study, workdir: str) -> dict:
+  out = {"float": {seed: float_curve(workdir, seed)
+                   for seed in (0, s.repeat_seed)},
+         "targets": []}
+  longest = max(s.lengths)
+  for t in s.targets:
+    rows = []
+    for n in s.lengths:
+      row = bsq_row(workdir, bsq_name(t, n))
+      if row is not None:
+        row.update(length=n, uniform_bits=nearest_bits(row["bits"]))
+        row["uniform_acc"] = uniform_acc(workdir, n, row["uniform_bits"])
+        rows.append(row)
+    repeat = bsq_row(workdir, bsq_name(t, 1, s.repeat_seed))
+    fixed = bsq_row(workdir, f"{bsq_name(t, longest)}_fixed")
+    long_ft = finetuned_only(workdir, f"{bsq_name(t, 1)}_ft{longest}")
+    out["targets"].append({"target": t, "rows": rows, "repeat": repeat,
+                           "fixed": fixed, "long_ft": long_ft})
+  return out
+
+
+# -- report -------------------------------------------------------------------
+
+def repeat_spread(block: dict) -> Optional[float]:
+  """The largest move of a finetuned accuracy (BSQ, HAWQ-V2, scratch)
+  between the 1x run and its repeat from another seed."""
+  first = next((r for r in block["rows"] if r["length"] == 1), None)
+  other = block["repeat"]
+  if first is None or other is None:
+    return None
+  moves = [abs(first[k] - other[k]) for k in ("ft_acc", "hawq_acc",
+                                              "scratch_acc")
+           if first[k] is not None and other[k] is not None]
+  return max(moves, default=None)
+
+
+def alpha_path(row: dict) -> str:
+  a = row["alphas"]
+  if len(set(a)) == 1:
+    return f"{a[0]:.3g} (fixed)"
+  return f"{a[0]:.3g} -> {a[-1]:.3g} ({min(a):.3g}-{max(a):.3g})"
+
+
+def gap(row: dict, key: str) -> Optional[float]:
+  if row["ft_acc"] is None or row[key] is None:
+    return None
+  return row["ft_acc"] - row[key]
+
+
+def table(block: dict) -> List[str]:
+  lines = ["| run | BSQ steps | alpha (first -> last, range) | bits after "
+           "BSQ (finetuned) | after BSQ | **BSQ, finetuned** | HAWQ-V2 bits "
+           "| HAWQ-V2 | from scratch | uniform bits | uniform | BSQ - HAWQ-V2 "
+           "| BSQ - scratch |", "|" + "---|" * 13]
+  fmt = lambda v: "-" if v is None else f"{100 * v:+.2f}"  # pylint: disable=unnecessary-lambda-assignment
+  named = [(f"{r['length']}x", r) for r in block["rows"]]
+  if block["repeat"]:
+    named.append(("1x, seed 1", dict(block["repeat"], uniform_bits=None,
+                                     uniform_acc=None)))
+  if block["fixed"]:
+    named.append((f"{block['rows'][-1]['length']}x, fixed alpha",
+                  dict(block["fixed"], uniform_bits=None, uniform_acc=None)))
+  for label, r in named:
+    bits = f"{r['bits']:.2f}"
+    if r["ft_bits"] is not None and abs(r["ft_bits"] - r["bits"]) >= 0.005:
+      bits += f" ({r['ft_bits']:.2f})"
+    hb = "-" if r["hawq_bits"] is None else f"{r['hawq_bits']:.2f}"
+    lines.append(
+        f"| {label} | {r['steps']:,} | {alpha_path(r)} | {bits} | "
+        f"{pct(r['bsq_acc'])} | **{pct(r['ft_acc'])}** | {hb} | "
+        f"{pct(r['hawq_acc'])} | {pct(r['scratch_acc'])} | "
+        f"{r['uniform_bits'] or '-'} | {pct(r['uniform_acc'])} | "
+        f"{fmt(gap(r, 'hawq_acc'))} | {fmt(gap(r, 'scratch_acc'))} |")
+  return lines
+
+
+def layers_table(block: dict) -> List[str]:
+  """Each layer's bits: BSQ's and HAWQ-V2's at each length."""
+  rows = block["rows"]
+  if not rows:
+    return []
+  names = sorted(rows[0]["layers"], key=sweep.layer_order)
+  head = ["layer"] + [f"{r['length']}x {m}" for r in rows
+                      for m in ("BSQ", "HAWQ-V2")]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for n in names:
+    cells = []
+    for r in rows:
+      cells += [str(r["layers"].get(n, "-")),
+                str((r["hawq_layers"] or {}).get(n, "-"))]
+    lines.append(f"| {n.removesuffix('/kernel')} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def setup_lines(s: Study, r: dict) -> List[str]:
+  lines = [f"ResNet-{s.depth} (CIFAR family, 4-bit activations, 1x1 "
+           f"shortcuts float), batch 128, {s.image_size}x{s.image_size} "
+           f"images. Training images: the first {s.train_subset:,} of 60,000; "
+           f"test: all 10,000. Float pretraining: {s.pretrain[0]} epochs (lr "
+           f"0.1, x0.1 at {list(s.pretrain[1])}), shared by every run of a "
+           f"seed. Budget mode starts at alpha {s.default_alpha:g}, within "
+           f"{s.alpha_range[0]:g}-{s.alpha_range[1]:g}.", "",
+           "| length | BSQ epochs | lr x0.1 at | host pass every | finetune "
+           "epochs (all four methods) | lr x0.1 at |", "|---|---|---|---|---|---|"]
+  for n in s.lengths:
+    (e, d), k = bsq_schedule(s, n)
+    fe, fd = finetune_schedule(s, n)
+    lines.append(f"| {n}x | {e} | {list(d)} | {k} | {fe} | {list(fd)} |")
+  lines += ["", "Float test accuracy by pretraining epoch:", ""]
+  for seed, accs in r["float"].items():
+    lines.append(f"- seed {seed}: " + ", ".join(f"{100 * a:.2f}" for a in accs))
+  return lines + [""]
+
+
+def markdown(s: Study, r: dict, command: str, times: Dict[str, float],
+             machine: dict, plot_dir: str, note: str, reading: str) -> str:
+  rel = os.path.basename(plot_dir)
+  lines = ["# Does BSQ catch up when it has time? Matched bits, longer "
+           "schedules (Fashion-MNIST)", "", f"Command: `{command}`", "",
+           f"Machine: {machine['cpu']}, {machine['cores']} cores, "
+           f"{machine['device']}, jax {machine['jax']}. Run time: "
+           f"{sum(times.values()) / 60:.1f} min (sum over runs).", ""]
+  if note:
+    lines += [f"Note: {note}", ""]
+  lines += setup_lines(s, r)
+  for block in r["targets"]:
+    spread = repeat_spread(block)
+    first = block["rows"][0]["ft_acc"] if block["rows"] else None
+    band = noise(first, spread) if first is not None else None
+    lines += [f"## Target {block['target']:g} average bits", "",
+              "Each length's BSQ run (budget mode) sets the size of its "
+              "baselines: HAWQ-V2 allocates BSQ's finetuned size by Hessian "
+              "trace, from-scratch takes BSQ's scheme; both start from the "
+              "float model, as does uniform. All four are finetuned alike "
+              "at that length. Gaps in points, finetuned.", ""]
+    lines += table(block) + [""]
+    if band is not None:
+      lines.append(
+          f"Noise: a difference counts only beyond {100 * band:.2f} points "
+          f"(the larger of 1.96 standard errors of a difference of two "
+          f"accuracies on 10,000 images and the 1x repeat's largest move"
+          + (f", {100 * spread:.2f}" if spread is not None else "") + ").")
+    if block["long_ft"]:
+      lf, base = block["long_ft"], block["rows"][0]
+      lines.append(
+          f"1x BSQ with the longest finetuning ({lf['ft_epochs']} epochs "
+          f"instead of {base['ft_epochs']}): {pct(lf['ft_acc'])} against "
+          f"{pct(base['ft_acc'])}, at {lf['ft_bits']:.2f} bits.")
+    lines += ["", "Bits per layer after BSQ, and HAWQ-V2's at the same size:",
+              ""] + layers_table(block) + [""]
+  lines += ["## Gap against schedule length", "",
+            f"![BSQ minus HAWQ-V2 and from-scratch against BSQ steps]"
+            f"({rel}/gap_vs_steps.png)", ""]
+  lines += ["## Reading (written by hand after the figures)", "",
+            reading.strip() or "(not written yet)", ""]
+  lines += ["## Time per run (seconds)", "", "| run | seconds |", "|---|---|"]
+  lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
+  return "\n".join(lines) + "\n"
+
+
+def plot_gaps(s: Study, r: dict, plot_dir: str) -> str:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  os.makedirs(plot_dir, exist_ok=True)
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for i, block in enumerate(r["targets"]):
+    rows = block["rows"]
+    if not rows:
+      continue
+    band = noise(rows[0]["ft_acc"], repeat_spread(block))
+    steps = [x["steps"] for x in rows]
+    ax.fill_between(steps, -100 * band, 100 * band, color="gray", alpha=0.2,
+                    label="noise band" if i == 0 else None)
+    for key, style, name in (("hawq_acc", "o-", "HAWQ-V2"),
+                             ("scratch_acc", "s--", "from scratch")):
+      pts = [(x["steps"], gap(x, key)) for x in rows if gap(x, key) is not None]
+      ax.plot([p for p, _ in pts], [100 * g for _, g in pts], style,
+              color=f"C{2 * i + (key == 'scratch_acc')}",
+              label=f"{block['target']:g} bits: BSQ - {name}")
+  ax.axhline(0, color="black", lw=0.8)
+  ax.set_xscale("log")
+  ax.set_xlabel("BSQ steps (log)")
+  ax.set_ylabel("finetuned accuracy gap (points)")
+  ax.set_title("BSQ against baselines at BSQ's size, finetuned alike",
+               fontsize=9)
+  ax.legend(fontsize=8)
+  return sweep.save_figure(fig, plot_dir, "gap_vs_steps.png")
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--workdir", default=os.path.join("workdirs",
+                                                    "schedule_study"))
+  ap.add_argument("--out", default="results/fashion_mnist_schedule.md")
+  ap.add_argument("--report-only", action="store_true",
+                  help="rewrite the report from finished runs, train nothing")
+  ap.add_argument("--note", default="",
+                  help="a line for the report about how it was run")
+  ap.add_argument("--reading", default=None, metavar="MARKDOWN",
+                  help="the hand-written reading, put into the report")
+  args = ap.parse_args(argv)
+  os.makedirs(args.workdir, exist_ok=True)
+  if args.report_only:
+    with open(os.path.join(args.workdir, "times.json")) as f:
+      times = json.load(f)
+  else:
+    from bsq_jax import allocator  # pylint: disable=import-outside-toplevel
+    allocator.restart_under_tcmalloc(print)  # as main.py: faster on CPU
+    times = run_all(STUDY, args.workdir)
+  from machine import machine as describe  # pylint: disable=import-outside-toplevel
+  reading = open(args.reading).read() if args.reading else ""
+  result = collect(STUDY, args.workdir)
+  plot_dir = os.path.splitext(args.out)[0]
+  plot_gaps(STUDY, result, plot_dir)
+  command = sweep.shown_command(argv if argv is not None else sys.argv[1:],
+                                script="benchmarks/schedule_study.py")
+  sweep.write_report(args.out, markdown(STUDY, result, command, times,
+                                        describe(), plot_dir, args.note,
+                                        reading), result)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,120 @@
+"""benchmarks/schedule_study.py: the schedules the issue asks for, the run
+plan, and the report read back from metrics files (fabricated here; the
+real study takes over an hour)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "benchmarks"))
+
+import schedule_study as study  # pylint: disable=wrong-import-position
+from bsq_jax import config_check  # pylint: disable=wrong-import-position
+
+S = study.STUDY
+
+
+def test_lengths_span_9x_and_keep_their_fractions():
+  assert max(S.lengths) / min(S.lengths) >= 9 and S.targets[0] == 2.0
+  for n in S.lengths:
+    (epochs, drops), interval = study.bsq_schedule(S, n)
+    assert epochs == S.bsq_epochs * n
+    assert drops == (round(epochs * 5 / 6),)
+    assert interval == round(epochs / 3)  # three host passes before the end
+    ft_epochs, ft_drops = study.finetune_schedule(S, n)
+    assert ft_epochs == max(3, round(epochs / 2))
+    assert ft_drops == (round(ft_epochs * 2 / 3),)
+
+
+def test_every_planned_config_passes_the_checks():
+  measured = {study.bsq_name(2.0, n): {"average_bits": 2.1, "alpha": 1.5}
+              for n in S.lengths}
+  for run in study.plan(S, measured):
+    config_check.check(study.config_for(S, run))
+
+
+def test_plan_adds_uniform_and_fixed_alpha_once_bsq_has_finished():
+  before = {r.name for r in study.plan(S)}
+  assert before == {"base_seed0", "t2_x1", "t2_x3", "t2_x9", "t2_x1_ft9",
+                    "base_seed1", "t2_x1_seed1"}
+  runs = {r.name: r for r in study.plan(S, {"t2_x9": {"average_bits": 1.6,
+                                                      "alpha": 3.0}})}
+  assert runs["uniform2_x9"].changes["convert.bits"] == 2
+  assert runs["uniform2_x9"].changes["finetune.epochs"] == 27
+  fixed = runs["t2_x9_fixed"].changes
+  assert fixed["bsq.alpha"] == 3.0 and "bsq.target_bits" not in fixed
+  # 1x BSQ, finetuned as long as 9x: its BSQ copied, only finetune run.
+  long_ft = runs["t2_x1_ft9"]
+  assert (long_ft.stages, long_ft.copy_from) == ("finetune", "t2_x1")
+  assert "bsq" in long_ft.copy_stages
+  assert long_ft.changes["finetune.epochs"] == 27
+  assert long_ft.changes["bsq.epochs"] == 6
+  # The repeat has its own float model: the seed changes every stage.
+  assert runs["t2_x1_seed1"].copy_from == "base_seed1"
+
+
+def _write(workdir, run, records):
+  os.makedirs(os.path.join(workdir, run), exist_ok=True)
+  with open(os.path.join(workdir, run, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+LAYERS = {"conv1/kernel": 6, "fc/kernel": 2}
+
+
+def _bsq_run(epochs, bits, ft, hawq, scratch, alphas):
+  recs = [dict(stage="bsq", epoch=e + 1, alpha=a, steps=10, average_bits=8.0)
+          for e, a in enumerate(alphas[:-1])]
+  recs.append(dict(stage="bsq", epoch=epochs, alpha=alphas[-1], steps=10,
+                   average_bits=bits, test_accuracy=0.5, bits=LAYERS,
+                   budget_report={"met": True}))
+  recs += [dict(stage="finetune", epoch=3, test_accuracy=ft,
+                average_bits=bits),
+           dict(stage="scratch", epoch=3, test_accuracy=scratch),
+           dict(stage="hawq", epoch=3, test_accuracy=hawq,
+                average_bits=bits - 0.01, bits={**LAYERS, "fc/kernel": 3})]
+  return recs
+
+
+def _fake(workdir):
+  for seed in (0, 1):
+    _write(workdir, f"base_seed{seed}",
+           [dict(stage="pretrain", epoch=e, test_accuracy=0.8 + 0.01 * e)
+            for e in (1, 2)])
+  # BSQ 6 points behind HAWQ-V2 at 1x, 1 point at 9x.
+  for n, (ft, hawq) in {1: (0.80, 0.86), 3: (0.82, 0.86), 9: (0.85, 0.86)}.items():
+    _write(workdir, f"t2_x{n}", _bsq_run(6 * n, 2.1, ft, hawq, 0.83,
+                                        [0.5] * (6 * n - 1) + [2.0]))
+  _write(workdir, "t2_x1_seed1", _bsq_run(6, 2.0, 0.81, 0.865, 0.835,
+                                          [0.5] * 5 + [1.5]))
+  _write(workdir, "t2_x1_ft9", [dict(stage="finetune", epoch=27,
+                                     test_accuracy=0.83, average_bits=2.1)])
+  _write(workdir, "uniform2_x1", [dict(stage="uniform", epoch=3,
+                                       test_accuracy=0.84)])
+  return workdir
+
+
+def test_report_reads_every_run(tmp_path):
+  r = study.collect(S, _fake(str(tmp_path / "runs")))
+  block = r["targets"][0]
+  assert [x["steps"] for x in block["rows"]] == [60, 180, 540]
+  assert block["rows"][0]["uniform_acc"] == 0.84
+  assert block["rows"][1]["uniform_acc"] is None  # not run
+  assert study.repeat_spread(block) == pytest.approx(0.01)
+  text = study.markdown(S, r, "python benchmarks/schedule_study.py",
+                        {"t2_x1": 60}, {"cpu": "x", "cores": 2, "device": "cpu",
+                                        "jax": "0"},
+                        str(tmp_path / "plots"), "", "It closes.")
+  assert ("| 1x | 60 | 0.5 -> 2 (0.5-2) | 2.10 | 50.00% | **80.00%** | 2.09 "
+          "| 86.00% | 83.00% | 2 | 84.00% | -6.00 | -3.00 |") in text
+  assert "| 9x | 540 |" in text and "| 1x, seed 1 | 60 |" in text
+  assert "27 epochs instead of 3): 83.00% against 80.00%" in text
+  assert "| conv1 | 6 | 6 | 6 | 6 | 6 | 6 |" in text
+  assert "| fc | 2 | 3 | 2 | 3 | 2 | 3 |" in text
+  assert "seed 0: 81.00, 82.00" in text
+  assert "It closes." in text
+  path = study.plot_gaps(S, r, str(tmp_path / "plots"))
+  assert os.path.getsize(path) > 0
