@@ -10,6 +10,14 @@ from typing import Any, Mapping
 
 from bsq_jax import budget
 
+# Activation precisions the quantizer takes (spec section 7); 32 is float.
+ACT_BITS = "1..16 or 32 (float)"
+
+
+def act_bits_ok(bits: int) -> bool:
+  return bits == 32 or 1 <= bits <= 16
+
+
 STAGES = ("pretrain", "convert", "bsq", "finetune", "scratch", "uniform",
           "hawq")
 SCHEDULES = ("pretrain", "bsq", "finetune")
@@ -67,9 +75,9 @@ def check(config: Mapping[str, Any]) -> None:
   _number(config, "model.num_classes", int, 2)
   if config["model"]["name"] != "flax":  # a "flax" model's acts are rules
     act = _number(config, "model.act_bits", int, 1)
-    if not (act <= 16 or act == 32):
-      raise ConfigError(f"config.model.act_bits: expected 1..16 or 32 "
-                        f"(float), got {act}")
+    if not act_bits_ok(act):
+      raise ConfigError(f"config.model.act_bits: expected {ACT_BITS}, "
+                        f"got {act}")
   _number(config, "convert.bits", int, 1, 16)
   for name in SCHEDULES:
     _number(config, f"{name}.epochs", int, 0)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from bsq_jax import bitplanes as bp
+from bsq_jax.config_check import ACT_BITS, act_bits_ok
 
 MODES = ("float", "bsq", "finetune")
 
@@ -115,22 +116,9 @@ class ReLU(nn.Module):
     return nn.relu(x)
 
 
-class QuantAct(nn.Module):
-  """The block activation as a module: ReLU6 (>= 4 bits), PACT (<= 3 bits)
-  or ReLU (32), quantized."""
-  act_bits: int
-  axis_name: Optional[str] = None
-
-  @nn.compact
-  def __call__(self, x):
-    if self.act_bits == 32:
-      return nn.relu(x)
-    return quantize_output(self, x, self.act_bits, "relu", self.axis_name)
-
-
 def check_act_bits(act_bits: int) -> None:
-  if not (act_bits == 32 or 1 <= act_bits <= 16):
-    raise ValueError(f"act_bits: expected 1..16 or 32 (float), got {act_bits}")
+  if not act_bits_ok(act_bits):
+    raise ValueError(f"act_bits: expected {ACT_BITS}, got {act_bits}")
 
 
 def freeze_scheme(scheme: Optional[Mapping[str, int]]) -> Optional[FrozenDict]:

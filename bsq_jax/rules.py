@@ -26,6 +26,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import flax.linen as nn
 import numpy as np
 
+from bsq_jax.config_check import ACT_BITS, act_bits_ok
 from bsq_jax.layers import ReLU
 
 # The layers whose kernel (and bias) can be held as bit planes.
@@ -72,9 +73,9 @@ class ActRule:
 
   def __post_init__(self):
     _compiled(self.pattern, "activation rule")
-    if not (self.bits == 32 or 1 <= self.bits <= 16):
+    if not act_bits_ok(self.bits):
       raise RuleError(f"activation rule {self.pattern!r}: bits expected "
-                      f"1..16 or 32 (float), got {self.bits!r}")
+                      f"{ACT_BITS}, got {self.bits!r}")
     if self.clip not in ("relu", "none"):
       raise RuleError(f"activation rule {self.pattern!r}: clip expected "
                       f"'relu' or 'none', got {self.clip!r}")
