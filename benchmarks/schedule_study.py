@@ -320,6 +320,21 @@ def table(block: dict) -> List[str]:
   return lines
 
 
+def budget_lines(block: dict) -> List[str]:
+  """Budget mode's target against the bits it reached, with accuracy."""
+  lines = ["", "Budget mode: the target against what each run reached.", "",
+           "| run | target | reached after BSQ | met | after BSQ | finetuned |",
+           "|---|---|---|---|---|---|"]
+  runs = [(f"{r['length']}x", r) for r in block["rows"]]
+  if block["repeat"]:
+    runs.append(("1x, seed 1", block["repeat"]))
+  for label, r in runs:
+    met = {True: "yes", False: "no"}.get(r["met"], "-")
+    lines.append(f"| {label} | {block['target']:g} | {r['bits']:.2f} | {met} "
+                 f"| {pct(r['bsq_acc'])} | {pct(r['ft_acc'])} |")
+  return lines
+
+
 def layers_table(block: dict) -> List[str]:
   """Each layer's bits: BSQ's and HAWQ-V2's at each length."""
   rows = block["rows"]
@@ -392,6 +407,7 @@ def markdown(s: Study, r: dict, command: str, times: Dict[str, float],
           f"1x BSQ with the longest finetuning ({lf['ft_epochs']} epochs "
           f"instead of {base['ft_epochs']}): {pct(lf['ft_acc'])} against "
           f"{pct(base['ft_acc'])}, at {lf['ft_bits']:.2f} bits.")
+    lines += budget_lines(block)
     lines += ["", "Bits per layer after BSQ, and HAWQ-V2's at the same size:",
               ""] + layers_table(block) + [""]
   lines += ["## Gap against schedule length", "",

@@ -115,6 +115,7 @@ def test_report_reads_every_run(tmp_path):
   assert "| conv1 | 6 | 6 | 6 | 6 | 6 | 6 |" in text
   assert "| fc | 2 | 3 | 2 | 3 | 2 | 3 |" in text
   assert "seed 0: 81.00, 82.00" in text
+  assert "| 9x | 2 | 2.10 | yes | 50.00% | 85.00% |" in text
   assert "It closes." in text
   path = study.plot_gaps(S, r, str(tmp_path / "plots"))
   assert os.path.getsize(path) > 0
