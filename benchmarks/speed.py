@@ -56,7 +56,7 @@ from bsq_jax import scheme as sch
 from bsq_jax.epoch import AXIS, Trainer, put_dataset
 from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model, init_variables, input_shape
-from bsq_jax.models.imagenet_resnet import memory_bytes
+from bsq_jax.models import memory_bytes
 from bsq_jax.step import TrainState
 from machine import busy_processes, machine
 

@@ -21,7 +21,7 @@ from bsq_jax import pretrained
 from bsq_jax import scheme as sch
 from bsq_jax.layers import Quant, freeze_scheme
 from bsq_jax.models import build_model, input_shape
-from bsq_jax.models.imagenet_resnet import memory_bytes
+from bsq_jax.models import memory_bytes
 from bsq_jax.train import train_and_evaluate
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from bsq_jax.layers import Quant
 from bsq_jax.models import any_flax, cifar_resnet, imagenet_resnet, inception_v3
@@ -75,3 +77,29 @@ def init_variables(model, key, sample) -> Dict[str, Any]:
   init = jax.jit(model.init).lower(key, sample).compile(
       compiler_options=_INIT_COMPILER_OPTIONS)
   return init(key, sample)
+
+
+def _nbytes(tree) -> int:
+  return int(sum(np.prod(l.shape) * np.dtype(l.dtype).itemsize
+                 for l in jax.tree.leaves(tree)))
+
+
+def memory_bytes(model_cfg: Mapping[str, Any], mode: str,
+                 bits: int = 8) -> Dict[str, int]:
+  """Bytes a model config holds per replica in `mode`, from shapes only.
+
+  bsq mode counts every quantized tensor at `bits` bits (two float32 planes
+  per bit and weight), as right after the 8-bit conversion. Returns
+  ``params``, ``grads`` (same as params), ``momentum`` (SGD's trace buffer:
+  one per param leaf), ``batch_stats`` and ``total`` (their sum). Activations
+  and XLA temporaries are not included.
+  """
+  model = build_model(model_cfg, Quant(mode, None, bits))
+  x = jax.ShapeDtypeStruct((1,) + input_shape(model_cfg), jnp.float32)
+  shapes = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), x)
+  params = _nbytes(shapes["params"])
+  stats = _nbytes(shapes.get("batch_stats", {}))
+  out = {"params": params, "grads": params, "momentum": params,
+         "batch_stats": stats}
+  out["total"] = sum(out.values())
+  return out

@@ -20,17 +20,14 @@ not quantized, as in section 7; nor are the pooled features fed to ``fc``
 (they are an average of quantized block outputs). ``act_bits = 32`` gives
 plain ReLUs, i.e. exactly torchvision's network.
 
-`memory_bytes` sizes params, gradients and SGD momentum from shapes alone.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bsq_jax.layers import Quant, ReLU, check_act_bits
 from bsq_jax.models.common import batch_norm, conv, resnet_rules
@@ -95,39 +92,6 @@ class ImageNetResNet(nn.Module):
 def rules(act_bits: int, quantize_shortcut: bool = True) -> Rules:
   """Every conv and fc (weight and bias); the three block activations."""
   return resnet_rules(r"layer\d+_\d+/act[123]", act_bits, quantize_shortcut)
-
-
-# --------------------------------------------------------------------------
-# Memory from shapes.
-
-
-def _nbytes(tree) -> int:
-  return int(sum(np.prod(l.shape) * np.dtype(l.dtype).itemsize
-                 for l in jax.tree.leaves(tree)))
-
-
-def memory_bytes(model_cfg: Mapping[str, Any], mode: str,
-                 bits: int = 8) -> Dict[str, int]:
-  """Bytes a model config holds per replica in `mode`, from shapes only.
-
-  bsq mode counts every quantized tensor at `bits` bits (two float32 planes
-  per bit and weight), as right after the 8-bit conversion. Returns
-  ``params``, ``grads`` (same as params), ``momentum`` (SGD's trace buffer:
-  one per param leaf), ``batch_stats`` and ``total`` (their sum). Activations
-  and XLA temporaries are not included.
-  """
-  # Imported here: bsq_jax.models imports this module.
-  # pylint: disable-next=import-outside-toplevel
-  from bsq_jax.models import build_model, input_shape
-  model = build_model(model_cfg, Quant(mode, None, bits))
-  x = jax.ShapeDtypeStruct((1,) + input_shape(model_cfg), jnp.float32)
-  shapes = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), x)
-  params = _nbytes(shapes["params"])
-  stats = _nbytes(shapes.get("batch_stats", {}))
-  out = {"params": params, "grads": params, "momentum": params,
-         "batch_stats": stats}
-  out["total"] = sum(out.values())
-  return out
 
 
 # --------------------------------------------------------------------------
