@@ -53,14 +53,20 @@ class Study:
   bsq_epochs: int             # at 1x
   lengths: Tuple[int, ...]    # multiples of the 1x BSQ schedule
   targets: Tuple[float, ...]  # average bits, budget mode
-  default_alpha: float        # budget mode's first alpha
-  alpha_range: Tuple[float, float]
+  # Budget mode's first alpha and its floor at 1x; a schedule n times longer
+  # starts at 1/n of them (the same alpha x steps).
+  start_alpha: float
+  floor_alpha: float
+  alpha_max: float
+  tolerance: float = 0.3      # bits from the target that a row may land
+  tries: int = 3              # budget runs per length at most
   repeat_seed: int = 1
 
 
 STUDY = Study(depth=8, train_subset=6000, image_size=28,
               pretrain=(20, (12, 17)), bsq_epochs=6, lengths=(1, 3, 9),
-              targets=(2.0,), default_alpha=0.5, alpha_range=(0.01, 20.0))
+              targets=(2.0,), start_alpha=1.0, floor_alpha=0.4,
+              alpha_max=20.0)
 
 # Fractions of a schedule where the learning rate drops: BSQ's as the cpu
 # sweep's (5 of 6 epochs), finetuning's as its 3-epoch default (2 of 3).
@@ -96,47 +102,87 @@ def schedules(s: Study, bsq_length: int, ft_length: int) -> Dict[str, object]:
           "finetune.lr_milestones": ft_drops}
 
 
-def budget(s: Study, target: float) -> Dict[str, object]:
+def budget(s: Study, target: float, length: int,
+           scale: float = 1.0) -> Dict[str, object]:
+  """Budget mode at `length`: the start and floor of alpha at 1/length of
+  1x's, times `scale` (a retry's)."""
   return {"bsq.alpha": None, "bsq.target_bits": target,
-          "bsq.default_alpha": s.default_alpha,
-          "bsq.budget_alpha_min": s.alpha_range[0],
-          "bsq.budget_alpha_max": s.alpha_range[1]}
+          "bsq.default_alpha": s.start_alpha * scale / length,
+          "bsq.budget_alpha_min": s.floor_alpha * scale / length,
+          "bsq.budget_alpha_max": s.alpha_max}
+
+
+def attempts(s: Study, target: float, length: int,
+             measured: Dict[str, dict]) -> List[Tuple[str, float, bool]]:
+  """The budget runs at one length so far, as (name, scale, accepted): a
+  run that lands more than `tolerance` above the target is tried again
+  with alpha's start and floor doubled, one below with them halved; the
+  last is accepted when within the tolerance or out of tries. The last
+  entry is the one to run next when it has no record yet."""
+  out, scale = [], 1.0
+  for k in range(s.tries):
+    name = bsq_name(target, length) + (f"_try{k + 1}" if k else "")
+    done = measured.get(name)
+    if done is None:
+      return out + [(name, scale, False)]
+    miss = done["average_bits"] - target
+    if abs(miss) <= s.tolerance or k == s.tries - 1:
+      return out + [(name, scale, True)]
+    out.append((name, scale, False))
+    scale *= 2.0 if miss > 0 else 0.5
+  return out
+
+
+def accepted(s: Study, target: float, length: int,
+             measured: Dict[str, dict]) -> Optional[Tuple[str, float]]:
+  name, scale, ok = attempts(s, target, length, measured)[-1]
+  return (name, scale) if ok else None
 
 
 def plan(s: Study, measured: Optional[Dict[str, dict]] = None) -> List[Run]:
-  """The runs, most needed first. `measured` (run name -> its BSQ record)
-  adds the runs that need a finished one: uniform at BSQ's nearest whole
-  precision, and the fixed-alpha check at the alpha budget mode ended with."""
+  """The runs, most needed first. `measured` (run name -> its finished BSQ
+  stage's last record) decides the budget retries and adds the runs that
+  need a finished one: the baselines at an accepted run's size, uniform at
+  its nearest whole precision, 1x with the longest finetuning, the
+  fixed-alpha check, and the repeat."""
   measured = measured or {}
   floats = ("pretrain", "convert")
   longest = max(s.lengths)
   runs = [Run(base_name(0), "pretrain,convert", {"eval_every": 1}, None)]
   for t in s.targets:
-    runs += [Run(bsq_name(t, n), "bsq,finetune,scratch,hawq",
-                 {**budget(s, t), **schedules(s, n, n)}, base_name(0), floats)
-             for n in s.lengths]
+    for n in s.lengths:
+      name, scale, ok = attempts(s, t, n, measured)[-1]
+      runs.append(Run(name, "bsq,finetune,scratch,hawq" if ok else "bsq",
+                      {**budget(s, t, n, scale), **schedules(s, n, n)},
+                      base_name(0), floats))
   for t in s.targets:
     for n in s.lengths:
-      done = measured.get(bsq_name(t, n))
-      if done is not None:
-        bits = nearest_bits(done["average_bits"])
+      got = accepted(s, t, n, measured)
+      if got is not None:
+        bits = nearest_bits(measured[got[0]]["average_bits"])
         runs.append(Run(f"uniform{bits}_x{n}", "convert,uniform",
                         {"convert.bits": bits, **schedules(s, n, n)},
                         base_name(0), ("pretrain",)))
-    runs.append(Run(f"{bsq_name(t, 1)}_ft{longest}", "finetune",
-                    {**budget(s, t), **schedules(s, 1, longest)},
-                    bsq_name(t, 1), floats + ("bsq",)))
-    done = measured.get(bsq_name(t, longest))
-    if done is not None:
+    one = accepted(s, t, 1, measured)
+    if one is not None:
+      runs.append(Run(f"{bsq_name(t, 1)}_ft{longest}", "finetune",
+                      {**budget(s, t, 1, one[1]), **schedules(s, 1, longest)},
+                      one[0], floats + ("bsq",)))
+    far = accepted(s, t, longest, measured)
+    if far is not None:
       runs.append(Run(f"{bsq_name(t, longest)}_fixed", "bsq,finetune",
-                      {"bsq.alpha": done["alpha"],
+                      {"bsq.alpha": measured[far[0]]["alpha"],
                        **schedules(s, longest, longest)}, base_name(0), floats))
   seed = {"seed": s.repeat_seed}
   runs.append(Run(base_name(s.repeat_seed), "pretrain,convert",
                   {"eval_every": 1, **seed}, None))
-  runs += [Run(bsq_name(t, 1, s.repeat_seed), "bsq,finetune,scratch,hawq",
-               {**budget(s, t), **schedules(s, 1, 1), **seed},
-               base_name(s.repeat_seed), floats) for t in s.targets]
+  for t in s.targets:
+    one = accepted(s, t, 1, measured)
+    if one is not None:  # the accepted 1x settings, from another seed
+      runs.append(Run(bsq_name(t, 1, s.repeat_seed),
+                      "bsq,finetune,scratch,hawq",
+                      {**budget(s, t, 1, one[1]), **schedules(s, 1, 1),
+                       **seed}, base_name(s.repeat_seed), floats))
   return runs
 
 
@@ -155,16 +201,26 @@ def config_for(s: Study, run: Run):
 # -- running ------------------------------------------------------------------
 
 def measured_bsq(s: Study, workdir: str) -> Dict[str, dict]:
-  """Each finished budget run's last BSQ record, by run name."""
+  """Each run's last BSQ record, by run name, where its BSQ stage ran to
+  the end of its schedule."""
   found = {}
-  for t in s.targets:
-    for n in s.lengths:
-      path = os.path.join(workdir, bsq_name(t, n), "metrics.jsonl")
-      rec = last(records(workdir, bsq_name(t, n)), "bsq") if os.path.exists(
-          path) else None
-      if rec is not None and rec["epoch"] == bsq_schedule(s, n)[0][0]:
-        found[bsq_name(t, n)] = rec
+  for name in sorted(os.listdir(workdir)):
+    if not os.path.exists(os.path.join(workdir, name, "metrics.jsonl")):
+      continue
+    rec = last(records(workdir, name), "bsq")
+    length = _length(name)
+    if (rec is not None and length is not None
+        and rec["epoch"] == bsq_schedule(s, length)[0][0]):
+      found[name] = rec
   return found
+
+
+def _length(name: str) -> Optional[int]:
+  """The schedule length a run name says ("t2_x9_try2" -> 9)."""
+  for part in name.split("_"):
+    if part.startswith("x") and part[1:].isdigit():
+      return int(part[1:])
+  return None
 
 
 def run_all(s: Study, workdir: str) -> Dict[str, float]:
@@ -249,10 +305,20 @@ def collect(s: Study, workdir: str) -> dict:
                    for seed in (0, s.repeat_seed)},
          "targets": []}
   longest = max(s.lengths)
+  measured = measured_bsq(s, workdir)
   for t in s.targets:
-    rows = []
+    rows, tried = [], []
     for n in s.lengths:
-      row = bsq_row(workdir, bsq_name(t, n))
+      for name, scale, _ in attempts(s, t, n, measured):
+        if name in measured:
+          start = budget(s, t, n, scale)
+          tried.append({"run": name, "length": n,
+                        "start": start["bsq.default_alpha"],
+                        "floor": start["bsq.budget_alpha_min"],
+                        "last_alpha": measured[name]["alpha"],
+                        "bits": measured[name]["average_bits"]})
+      got = accepted(s, t, n, measured)
+      row = bsq_row(workdir, got[0]) if got else None
       if row is not None:
         row.update(length=n, uniform_bits=nearest_bits(row["bits"]))
         row["uniform_acc"] = uniform_acc(workdir, n, row["uniform_bits"])
@@ -261,7 +327,8 @@ def collect(s: Study, workdir: str) -> dict:
     fixed = bsq_row(workdir, f"{bsq_name(t, longest)}_fixed")
     long_ft = finetuned_only(workdir, f"{bsq_name(t, 1)}_ft{longest}")
     out["targets"].append({"target": t, "rows": rows, "repeat": repeat,
-                           "fixed": fixed, "long_ft": long_ft})
+                           "fixed": fixed, "long_ft": long_ft,
+                           "attempts": tried})
   return out
 
 
@@ -332,6 +399,12 @@ def budget_lines(block: dict) -> List[str]:
     met = {True: "yes", False: "no"}.get(r["met"], "-")
     lines.append(f"| {label} | {block['target']:g} | {r['bits']:.2f} | {met} "
                  f"| {pct(r['bsq_acc'])} | {pct(r['ft_acc'])} |")
+  lines += ["", "Every budget run, retries included:", "",
+            "| run | length | alpha start | floor | last alpha | bits |",
+            "|---|---|---|---|---|---|"]
+  lines += [f"| {a['run']} | {a['length']}x | {a['start']:.3g} | "
+            f"{a['floor']:.3g} | {a['last_alpha']:.3g} | {a['bits']:.2f} |"
+            for a in block["attempts"]]
   return lines
 
 
@@ -359,8 +432,11 @@ def setup_lines(s: Study, r: dict) -> List[str]:
            f"images. Training images: the first {s.train_subset:,} of 60,000; "
            f"test: all 10,000. Float pretraining: {s.pretrain[0]} epochs (lr "
            f"0.1, x0.1 at {list(s.pretrain[1])}), shared by every run of a "
-           f"seed. Budget mode starts at alpha {s.default_alpha:g}, within "
-           f"{s.alpha_range[0]:g}-{s.alpha_range[1]:g}.", "",
+           f"seed. Budget mode starts at alpha {s.start_alpha:g} with a floor "
+           f"of {s.floor_alpha:g} at 1x, and at 1/n of both at nx (the same "
+           f"alpha x steps), at most {s.alpha_max:g}; a run more than "
+           f"{s.tolerance:g} bits off the target is run again with both "
+           f"doubled (above) or halved (below), {s.tries} tries at most.", "",
            "| length | BSQ epochs | lr x0.1 at | host pass every | finetune "
            "epochs (all four methods) | lr x0.1 at |", "|---|---|---|---|---|---|"]
   for n in s.lengths:

@@ -29,19 +29,49 @@ def test_lengths_span_9x_and_keep_their_fractions():
     assert ft_drops == (round(ft_epochs * 2 / 3),)
 
 
+def _done(bits, alpha=1.5):
+  return {"average_bits": bits, "alpha": alpha}
+
+
 def test_every_planned_config_passes_the_checks():
-  measured = {study.bsq_name(2.0, n): {"average_bits": 2.1, "alpha": 1.5}
-              for n in S.lengths}
+  measured = {study.bsq_name(2.0, n): _done(2.1) for n in S.lengths}
   for run in study.plan(S, measured):
     config_check.check(study.config_for(S, run))
 
 
-def test_plan_adds_uniform_and_fixed_alpha_once_bsq_has_finished():
+def test_budget_start_and_floor_scale_with_the_length():
+  one, nine = study.budget(S, 2.0, 1), study.budget(S, 2.0, 9)
+  assert one["bsq.default_alpha"] == pytest.approx(
+      9 * nine["bsq.default_alpha"])
+  assert one["bsq.budget_alpha_min"] == pytest.approx(
+      9 * nine["bsq.budget_alpha_min"])
+  assert one["bsq.alpha"] is None and one["bsq.target_bits"] == 2.0
+
+
+def test_a_run_off_the_target_is_tried_again_then_accepted():
+  # 2.96 bits: 0.96 above, so alpha's start and floor double.
+  runs = {r.name: r for r in study.plan(S, {"t2_x1": _done(2.96)})}
+  retry = runs["t2_x1_try2"]
+  assert retry.stages == "bsq"  # no baselines for a run not accepted
+  assert retry.changes["bsq.default_alpha"] == pytest.approx(
+      2 * S.start_alpha)
+  assert "t2_x1_ft9" not in runs and "t2_x1_seed1" not in runs
+  # Then 1.5 bits: too far below, halved back; the third is accepted,
+  # whatever it reaches.
+  measured = {"t2_x1": _done(2.96), "t2_x1_try2": _done(1.5),
+              "t2_x1_try3": _done(1.6)}
+  assert study.attempts(S, 2.0, 1, measured)[-1] == ("t2_x1_try3", 1.0, True)
+  runs = {r.name: r for r in study.plan(S, measured)}
+  assert runs["t2_x1_try3"].stages == "bsq,finetune,scratch,hawq"
+  assert runs["t2_x1_ft9"].copy_from == "t2_x1_try3"
+
+
+def test_plan_adds_the_runs_that_need_an_accepted_one():
   before = {r.name for r in study.plan(S)}
-  assert before == {"base_seed0", "t2_x1", "t2_x3", "t2_x9", "t2_x1_ft9",
-                    "base_seed1", "t2_x1_seed1"}
-  runs = {r.name: r for r in study.plan(S, {"t2_x9": {"average_bits": 1.6,
-                                                      "alpha": 3.0}})}
+  assert before == {"base_seed0", "t2_x1", "t2_x3", "t2_x9", "base_seed1"}
+  runs = {r.name: r for r in study.plan(S, {"t2_x9": _done(1.8, 3.0),
+                                            "t2_x1": _done(2.1)})}
+  assert runs["t2_x9"].stages == "bsq,finetune,scratch,hawq"
   assert runs["uniform2_x9"].changes["convert.bits"] == 2
   assert runs["uniform2_x9"].changes["finetune.epochs"] == 27
   fixed = runs["t2_x9_fixed"].changes
@@ -54,6 +84,7 @@ def test_plan_adds_uniform_and_fixed_alpha_once_bsq_has_finished():
   assert long_ft.changes["bsq.epochs"] == 6
   # The repeat has its own float model: the seed changes every stage.
   assert runs["t2_x1_seed1"].copy_from == "base_seed1"
+  assert runs["t2_x1_seed1"].changes["seed"] == 1
 
 
 def _write(workdir, run, records):
@@ -116,6 +147,7 @@ def test_report_reads_every_run(tmp_path):
   assert "| fc | 2 | 3 | 2 | 3 | 2 | 3 |" in text
   assert "seed 0: 81.00, 82.00" in text
   assert "| 9x | 2 | 2.10 | yes | 50.00% | 85.00% |" in text
+  assert "| t2_x9 | 9x | 0.111 | 0.0444 | 2 | 2.10 |" in text
   assert "It closes." in text
   path = study.plot_gaps(S, r, str(tmp_path / "plots"))
   assert os.path.getsize(path) > 0
