@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -59,7 +60,7 @@ class Study:
   floor_alpha: float
   alpha_max: float
   tolerance: float = 0.3      # bits from the target that a row may land
-  tries: int = 3              # budget runs per length at most
+  tries: int = 4              # budget runs per length at most
   repeat_seed: int = 1
 
 
@@ -114,12 +115,14 @@ def budget(s: Study, target: float, length: int,
 
 def attempts(s: Study, target: float, length: int,
              measured: Dict[str, dict]) -> List[Tuple[str, float, bool]]:
-  """The budget runs at one length so far, as (name, scale, accepted): a
-  run that lands more than `tolerance` above the target is tried again
-  with alpha's start and floor doubled, one below with them halved; the
-  last is accepted when within the tolerance or out of tries. The last
-  entry is the one to run next when it has no record yet."""
+  """The budget runs at one length so far, as (name, scale, accepted). A
+  run that lands more than `tolerance` from the target is tried again:
+  alpha's start and floor doubled (it kept too many bits) or halved (too
+  few), then, once runs lie on both sides, at the geometric middle of the
+  nearest two. The last is accepted when within the tolerance or out of
+  tries. The last entry is the one to run next when it has no record."""
   out, scale = [], 1.0
+  above, below = math.inf, 0.0  # scales known to land below / above
   for k in range(s.tries):
     name = bsq_name(target, length) + (f"_try{k + 1}" if k else "")
     done = measured.get(name)
@@ -129,7 +132,12 @@ def attempts(s: Study, target: float, length: int,
     if abs(miss) <= s.tolerance or k == s.tries - 1:
       return out + [(name, scale, True)]
     out.append((name, scale, False))
-    scale *= 2.0 if miss > 0 else 0.5
+    if miss > 0:  # too many bits: a larger alpha
+      below = max(below, scale)
+    else:
+      above = min(above, scale)
+    scale = (math.sqrt(below * above) if below and above < math.inf
+             else scale * (2.0 if miss > 0 else 0.5))
   return out
 
 
@@ -436,7 +444,8 @@ def setup_lines(s: Study, r: dict) -> List[str]:
            f"of {s.floor_alpha:g} at 1x, and at 1/n of both at nx (the same "
            f"alpha x steps), at most {s.alpha_max:g}; a run more than "
            f"{s.tolerance:g} bits off the target is run again with both "
-           f"doubled (above) or halved (below), {s.tries} tries at most.", "",
+           f"doubled (above) or halved (below), then bisected (geometric "
+           f"middle), {s.tries} tries at most.", "",
            "| length | BSQ epochs | lr x0.1 at | host pass every | finetune "
            "epochs (all four methods) | lr x0.1 at |", "|---|---|---|---|---|---|"]
   for n in s.lengths:

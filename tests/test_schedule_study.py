@@ -56,14 +56,19 @@ def test_a_run_off_the_target_is_tried_again_then_accepted():
   assert retry.changes["bsq.default_alpha"] == pytest.approx(
       2 * S.start_alpha)
   assert "t2_x1_ft9" not in runs and "t2_x1_seed1" not in runs
-  # Then 1.5 bits: too far below, halved back; the third is accepted,
-  # whatever it reaches.
-  measured = {"t2_x1": _done(2.96), "t2_x1_try2": _done(1.5),
-              "t2_x1_try3": _done(1.6)}
-  assert study.attempts(S, 2.0, 1, measured)[-1] == ("t2_x1_try3", 1.0, True)
+  # Then 1.5 bits: too far below, so the next lies between the two; the
+  # last try is accepted, whatever it reaches.
+  measured = {"t2_x1": _done(2.96), "t2_x1_try2": _done(1.5)}
+  name, scale, ok = study.attempts(S, 2.0, 1, measured)[-1]
+  assert (name, ok) == ("t2_x1_try3", False)
+  assert scale == pytest.approx(2 ** 0.5)
+  measured.update(t2_x1_try3=_done(2.5), t2_x1_try4=_done(2.4))
+  name, scale, ok = study.attempts(S, 2.0, 1, measured)[-1]
+  assert (name, ok) == ("t2_x1_try4", True)
+  assert scale == pytest.approx(2 ** 0.75)  # between 1.41 (above) and 2
   runs = {r.name: r for r in study.plan(S, measured)}
-  assert runs["t2_x1_try3"].stages == "bsq,finetune,scratch,hawq"
-  assert runs["t2_x1_ft9"].copy_from == "t2_x1_try3"
+  assert runs["t2_x1_try4"].stages == "bsq,finetune,scratch,hawq"
+  assert runs["t2_x1_ft9"].copy_from == "t2_x1_try4"
 
 
 def test_plan_adds_the_runs_that_need_an_accepted_one():
