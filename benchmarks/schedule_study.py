@@ -4,17 +4,18 @@ schedules, on Fashion-MNIST.
     apt-get install -y dataset-fashion-mnist
     python benchmarks/schedule_study.py --out results/fashion_mnist_schedule.md
 
-At a fixed target of average bits (budget mode, `bsq.target_bits`), the BSQ
-schedule is lengthened 1x, 3x and 9x. At each length every method gets the
-same finetuning, which grows with it (about half the BSQ epochs, at least
-3): BSQ then finetuned; HAWQ-V2 at BSQ's finetuned size; from-scratch at
-BSQ's scheme; uniform at the nearest whole precision. Learning-rate drops
-sit at the same fractions of every schedule and BSQ re-quantizes every
-third of its schedule. Besides:
+At a fixed target of average bits, the BSQ schedule is lengthened 1x, 3x
+and 9x. Each length's row is a fixed-alpha BSQ run whose alpha a short
+search finds (alpha x steps held at first, then bisected until the bits
+land within 0.3 of the target). At each length every method gets the same
+finetuning, which grows with it (about half the BSQ epochs, at least 3):
+BSQ then finetuned; HAWQ-V2 at BSQ's finetuned size; from-scratch at BSQ's
+scheme; uniform at the nearest whole precision. Learning-rate drops sit at
+the same fractions of every schedule and BSQ re-quantizes every third of
+its schedule. Besides:
 - 1x BSQ with the longest finetuning: what longer finetuning alone gives;
-- a fixed-alpha BSQ at the longest length, at the alpha that budget mode
-  ended with there, to show that the two agree;
-- 1x again from another seed (its own float model): the noise.
+- 1x again from another seed (its own float model): the noise;
+- budget mode (`bsq.target_bits`) at each length, beside the rows.
 
 All runs share one float pretraining (per seed), tested every epoch so that
 its curve shows it has flattened. Each run is a workdir under --workdir:
@@ -29,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -54,20 +56,23 @@ class Study:
   bsq_epochs: int             # at 1x
   lengths: Tuple[int, ...]    # multiples of the 1x BSQ schedule
   targets: Tuple[float, ...]  # average bits, budget mode
-  # Budget mode's first alpha and its floor at 1x; a schedule n times longer
-  # starts at 1/n of them (the same alpha x steps).
+  # The rows' fixed alpha at 1x, searched: a schedule n times longer takes
+  # 1/n of it (the same alpha x steps) times the search's scale.
+  fixed_alpha: float
+  # Budget mode's first alpha and its floor at 1x, scaled alike.
   start_alpha: float
   floor_alpha: float
   alpha_max: float
   tolerance: float = 0.3      # bits from the target that a row may land
-  tries: int = 4              # budget runs per length at most
+  tries: int = 4              # fixed-alpha runs per length at most
+  step: float = 1.6           # the search's factor before it brackets
   repeat_seed: int = 1
 
 
 STUDY = Study(depth=8, train_subset=6000, image_size=28,
               pretrain=(20, (12, 17)), bsq_epochs=6, lengths=(1, 3, 9),
-              targets=(2.0,), start_alpha=1.0, floor_alpha=0.4,
-              alpha_max=20.0)
+              targets=(2.0,), fixed_alpha=0.7, start_alpha=1.0,
+              floor_alpha=0.4, alpha_max=20.0)
 
 # Fractions of a schedule where the learning rate drops: BSQ's as the cpu
 # sweep's (5 of 6 epochs), finetuning's as its 3-epoch default (2 of 3).
@@ -113,23 +118,31 @@ def budget(s: Study, target: float, length: int,
           "bsq.budget_alpha_max": s.alpha_max}
 
 
+def fixed(s: Study, length: int, scale: float) -> Dict[str, object]:
+  return {"bsq.alpha": s.fixed_alpha * scale / length}
+
+
+def fixed_name(target: float, length: int, k: int) -> str:
+  return f"{bsq_name(target, length)}_alpha{k + 1}"
+
+
 def attempts(s: Study, target: float, length: int,
              measured: Dict[str, dict]) -> List[Tuple[str, float, bool]]:
-  """The budget runs at one length so far, as (name, scale, accepted). A
-  run that lands more than `tolerance` from the target is tried again:
-  alpha's start and floor doubled (it kept too many bits) or halved (too
-  few), then, once runs lie on both sides, at the geometric middle of the
-  nearest two. The last is accepted when within the tolerance or out of
-  tries. The last entry is the one to run next when it has no record."""
+  """The fixed-alpha search at one length so far, as (name, scale,
+  accepted). A run more than `tolerance` from the target is followed by
+  one with alpha times `step` (it kept too many bits) or over it (too few),
+  then, once runs lie on both sides, at the geometric middle of the nearest
+  two. The one within the tolerance is accepted, or after `tries` the one
+  nearest the target. The last entry without a record is the next to run."""
   out, scale = [], 1.0
   above, below = math.inf, 0.0  # scales known to land below / above
   for k in range(s.tries):
-    name = bsq_name(target, length) + (f"_try{k + 1}" if k else "")
+    name = fixed_name(target, length, k)
     done = measured.get(name)
     if done is None:
       return out + [(name, scale, False)]
     miss = done["average_bits"] - target
-    if abs(miss) <= s.tolerance or k == s.tries - 1:
+    if abs(miss) <= s.tolerance:
       return out + [(name, scale, True)]
     out.append((name, scale, False))
     if miss > 0:  # too many bits: a larger alpha
@@ -137,8 +150,9 @@ def attempts(s: Study, target: float, length: int,
     else:
       above = min(above, scale)
     scale = (math.sqrt(below * above) if below and above < math.inf
-             else scale * (2.0 if miss > 0 else 0.5))
-  return out
+             else scale * (s.step if miss > 0 else 1 / s.step))
+  best = min(out, key=lambda a: abs(measured[a[0]]["average_bits"] - target))
+  return out + [(best[0], best[1], True)]
 
 
 def accepted(s: Study, target: float, length: int,
@@ -149,10 +163,10 @@ def accepted(s: Study, target: float, length: int,
 
 def plan(s: Study, measured: Optional[Dict[str, dict]] = None) -> List[Run]:
   """The runs, most needed first. `measured` (run name -> its finished BSQ
-  stage's last record) decides the budget retries and adds the runs that
-  need a finished one: the baselines at an accepted run's size, uniform at
-  its nearest whole precision, 1x with the longest finetuning, the
-  fixed-alpha check, and the repeat."""
+  stage's last record) steers the search and adds the runs that need an
+  accepted one: its baselines, uniform at its nearest whole precision, 1x
+  with the longest finetuning, and the repeat; then budget mode at each
+  length beside the rows (`budget_name`)."""
   measured = measured or {}
   floats = ("pretrain", "convert")
   longest = max(s.lengths)
@@ -161,7 +175,7 @@ def plan(s: Study, measured: Optional[Dict[str, dict]] = None) -> List[Run]:
     for n in s.lengths:
       name, scale, ok = attempts(s, t, n, measured)[-1]
       runs.append(Run(name, "bsq,finetune,scratch,hawq" if ok else "bsq",
-                      {**budget(s, t, n, scale), **schedules(s, n, n)},
+                      {**fixed(s, n, scale), **schedules(s, n, n)},
                       base_name(0), floats))
   for t in s.targets:
     for n in s.lengths:
@@ -174,24 +188,27 @@ def plan(s: Study, measured: Optional[Dict[str, dict]] = None) -> List[Run]:
     one = accepted(s, t, 1, measured)
     if one is not None:
       runs.append(Run(f"{bsq_name(t, 1)}_ft{longest}", "finetune",
-                      {**budget(s, t, 1, one[1]), **schedules(s, 1, longest)},
+                      {**fixed(s, 1, one[1]), **schedules(s, 1, longest)},
                       one[0], floats + ("bsq",)))
-    far = accepted(s, t, longest, measured)
-    if far is not None:
-      runs.append(Run(f"{bsq_name(t, longest)}_fixed", "bsq,finetune",
-                      {"bsq.alpha": measured[far[0]]["alpha"],
-                       **schedules(s, longest, longest)}, base_name(0), floats))
   seed = {"seed": s.repeat_seed}
   runs.append(Run(base_name(s.repeat_seed), "pretrain,convert",
                   {"eval_every": 1, **seed}, None))
   for t in s.targets:
     one = accepted(s, t, 1, measured)
-    if one is not None:  # the accepted 1x settings, from another seed
+    if one is not None:  # the accepted 1x alpha, from another seed
       runs.append(Run(bsq_name(t, 1, s.repeat_seed),
                       "bsq,finetune,scratch,hawq",
-                      {**budget(s, t, 1, one[1]), **schedules(s, 1, 1),
-                       **seed}, base_name(s.repeat_seed), floats))
+                      {**fixed(s, 1, one[1]), **schedules(s, 1, 1), **seed},
+                      base_name(s.repeat_seed), floats))
+  for t in s.targets:
+    runs += [Run(budget_name(t, n), "bsq",
+                 {**budget(s, t, n), **schedules(s, n, n)}, base_name(0),
+                 floats) for n in s.lengths]
   return runs
+
+
+def budget_name(target: float, length: int) -> str:
+  return bsq_name(target, length)
 
 
 def config_for(s: Study, run: Run):
@@ -308,6 +325,21 @@ def float_curve(workdir: str, seed: int) -> List[float]:
   return [r["test_accuracy"] for r in recs if r["stage"] == "pretrain"]
 
 
+def _tried(workdir: str, name: str, length: int, rec: dict) -> dict:
+  """One BSQ run of a search or of budget mode: its alpha settings (from
+  the config it ran under), where it ended, and its accuracy."""
+  with open(os.path.join(workdir, name, "config.json")) as f:
+    config = json.load(f)
+  budget_mode = config["bsq.alpha"] is None
+  return {"run": name, "length": length,
+          "alpha": (config["bsq.default_alpha"] if budget_mode
+                    else config["bsq.alpha"]),
+          "floor": config["bsq.budget_alpha_min"] if budget_mode else None,
+          "last_alpha": rec["alpha"], "bits": rec["average_bits"],
+          "met": rec.get("budget_report", {}).get("met"),
+          "bsq_acc": rec.get("test_accuracy")}
+
+
 def collect(s: Study, workdir: str) -> dict:
   out = {"float": {seed: float_curve(workdir, seed)
                    for seed in (0, s.repeat_seed)},
@@ -317,26 +349,24 @@ def collect(s: Study, workdir: str) -> dict:
   for t in s.targets:
     rows, tried = [], []
     for n in s.lengths:
-      for name, scale, _ in attempts(s, t, n, measured):
-        if name in measured:
-          start = budget(s, t, n, scale)
-          tried.append({"run": name, "length": n,
-                        "start": start["bsq.default_alpha"],
-                        "floor": start["bsq.budget_alpha_min"],
-                        "last_alpha": measured[name]["alpha"],
-                        "bits": measured[name]["average_bits"]})
+      for name, _, _ in attempts(s, t, n, measured):
+        if name in measured and name not in [a["run"] for a in tried]:
+          tried.append(_tried(workdir, name, n, measured[name]))
       got = accepted(s, t, n, measured)
       row = bsq_row(workdir, got[0]) if got else None
       if row is not None:
         row.update(length=n, uniform_bits=nearest_bits(row["bits"]))
         row["uniform_acc"] = uniform_acc(workdir, n, row["uniform_bits"])
         rows.append(row)
+    budgets = [_tried(workdir, name, _length(name), rec)
+               for name, rec in measured.items()
+               if re.fullmatch(rf"t{t:g}_x\d+(_try\d+)?", name)]
     repeat = bsq_row(workdir, bsq_name(t, 1, s.repeat_seed))
-    fixed = bsq_row(workdir, f"{bsq_name(t, longest)}_fixed")
     long_ft = finetuned_only(workdir, f"{bsq_name(t, 1)}_ft{longest}")
     out["targets"].append({"target": t, "rows": rows, "repeat": repeat,
-                           "fixed": fixed, "long_ft": long_ft,
-                           "attempts": tried})
+                           "long_ft": long_ft, "attempts": tried,
+                           "budget": sorted(budgets, key=lambda b: (
+                               b["length"], b["run"]))})
   return out
 
 
@@ -369,7 +399,7 @@ def gap(row: dict, key: str) -> Optional[float]:
 
 
 def table(block: dict) -> List[str]:
-  lines = ["| run | BSQ steps | alpha (first -> last, range) | bits after "
+  lines = ["| run | BSQ steps | alpha | bits after "
            "BSQ (finetuned) | after BSQ | **BSQ, finetuned** | HAWQ-V2 bits "
            "| HAWQ-V2 | from scratch | uniform bits | uniform | BSQ - HAWQ-V2 "
            "| BSQ - scratch |", "|" + "---|" * 13]
@@ -378,9 +408,6 @@ def table(block: dict) -> List[str]:
   if block["repeat"]:
     named.append(("1x, seed 1", dict(block["repeat"], uniform_bits=None,
                                      uniform_acc=None)))
-  if block["fixed"]:
-    named.append((f"{block['rows'][-1]['length']}x, fixed alpha",
-                  dict(block["fixed"], uniform_bits=None, uniform_acc=None)))
   for label, r in named:
     bits = f"{r['bits']:.2f}"
     if r["ft_bits"] is not None and abs(r["ft_bits"] - r["bits"]) >= 0.005:
@@ -395,24 +422,25 @@ def table(block: dict) -> List[str]:
   return lines
 
 
-def budget_lines(block: dict) -> List[str]:
-  """Budget mode's target against the bits it reached, with accuracy."""
-  lines = ["", "Budget mode: the target against what each run reached.", "",
-           "| run | target | reached after BSQ | met | after BSQ | finetuned |",
-           "|---|---|---|---|---|---|"]
-  runs = [(f"{r['length']}x", r) for r in block["rows"]]
-  if block["repeat"]:
-    runs.append(("1x, seed 1", block["repeat"]))
-  for label, r in runs:
-    met = {True: "yes", False: "no"}.get(r["met"], "-")
-    lines.append(f"| {label} | {block['target']:g} | {r['bits']:.2f} | {met} "
-                 f"| {pct(r['bsq_acc'])} | {pct(r['ft_acc'])} |")
-  lines += ["", "Every budget run, retries included:", "",
-            "| run | length | alpha start | floor | last alpha | bits |",
-            "|---|---|---|---|---|---|"]
-  lines += [f"| {a['run']} | {a['length']}x | {a['start']:.3g} | "
-            f"{a['floor']:.3g} | {a['last_alpha']:.3g} | {a['bits']:.2f} |"
+def search_lines(block: dict) -> List[str]:
+  """Every fixed-alpha run of the search, and every budget-mode run beside
+  the rows: the alpha it ran with, where it ended, its accuracy."""
+  lines = ["", "The search: every fixed-alpha BSQ run (the accepted one is "
+           "the row above).", "", "| run | length | alpha | bits after BSQ | "
+           "after BSQ |", "|---|---|---|---|---|"]
+  lines += [f"| {a['run']} | {a['length']}x | {a['alpha']:.3g} | "
+            f"{a['bits']:.2f} | {pct(a['bsq_acc'])} |"
             for a in block["attempts"]]
+  lines += ["", f"Budget mode beside them (`bsq.target_bits` "
+            f"{block['target']:g}): every run, with its start and floor of "
+            f"alpha, the alpha it ended with and the bits it reached.", "",
+            "| run | length | alpha start | floor | last alpha | reached "
+            "| met | after BSQ |", "|---|---|---|---|---|---|---|---|"]
+  for b in block["budget"]:
+    met = {True: "yes", False: "no"}.get(b["met"], "-")
+    lines.append(f"| {b['run']} | {b['length']}x | {b['alpha']:.3g} | "
+                 f"{b['floor']:.3g} | {b['last_alpha']:.3g} | "
+                 f"{b['bits']:.2f} | {met} | {pct(b['bsq_acc'])} |")
   return lines
 
 
@@ -492,7 +520,7 @@ def markdown(s: Study, r: dict, command: str, times: Dict[str, float],
           f"1x BSQ with the longest finetuning ({lf['ft_epochs']} epochs "
           f"instead of {base['ft_epochs']}): {pct(lf['ft_acc'])} against "
           f"{pct(base['ft_acc'])}, at {lf['ft_bits']:.2f} bits.")
-    lines += budget_lines(block)
+    lines += search_lines(block)
     lines += ["", "Bits per layer after BSQ, and HAWQ-V2's at the same size:",
               ""] + layers_table(block) + [""]
   lines += ["## Gap against schedule length", "",

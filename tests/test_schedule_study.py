@@ -34,56 +34,62 @@ def _done(bits, alpha=1.5):
 
 
 def test_every_planned_config_passes_the_checks():
-  measured = {study.bsq_name(2.0, n): _done(2.1) for n in S.lengths}
+  measured = {study.fixed_name(2.0, n, 0): _done(2.1) for n in S.lengths}
   for run in study.plan(S, measured):
     config_check.check(study.config_for(S, run))
 
 
-def test_budget_start_and_floor_scale_with_the_length():
+def test_alphas_scale_with_the_length():
   one, nine = study.budget(S, 2.0, 1), study.budget(S, 2.0, 9)
   assert one["bsq.default_alpha"] == pytest.approx(
       9 * nine["bsq.default_alpha"])
   assert one["bsq.budget_alpha_min"] == pytest.approx(
       9 * nine["bsq.budget_alpha_min"])
   assert one["bsq.alpha"] is None and one["bsq.target_bits"] == 2.0
+  assert study.fixed(S, 1, 1.0)["bsq.alpha"] == pytest.approx(
+      9 * study.fixed(S, 9, 1.0)["bsq.alpha"])
 
 
-def test_a_run_off_the_target_is_tried_again_then_accepted():
-  # 2.96 bits: 0.96 above, so alpha's start and floor double.
-  runs = {r.name: r for r in study.plan(S, {"t2_x1": _done(2.96)})}
-  retry = runs["t2_x1_try2"]
-  assert retry.stages == "bsq"  # no baselines for a run not accepted
-  assert retry.changes["bsq.default_alpha"] == pytest.approx(
-      2 * S.start_alpha)
+def test_the_search_steps_then_bisects_then_takes_the_nearest():
+  # 2.96 bits: 0.96 above, so a larger alpha.
+  runs = {r.name: r for r in study.plan(S, {"t2_x1_alpha1": _done(2.96)})}
+  nxt = runs["t2_x1_alpha2"]
+  assert nxt.stages == "bsq"  # no baselines for a run not accepted
+  assert nxt.changes["bsq.alpha"] == pytest.approx(S.fixed_alpha * S.step)
   assert "t2_x1_ft9" not in runs and "t2_x1_seed1" not in runs
-  # Then 1.5 bits: too far below, so the next lies between the two; the
-  # last try is accepted, whatever it reaches.
-  measured = {"t2_x1": _done(2.96), "t2_x1_try2": _done(1.5)}
+  # Then too far below: the next lies between the two.
+  measured = {"t2_x1_alpha1": _done(2.96), "t2_x1_alpha2": _done(1.5)}
   name, scale, ok = study.attempts(S, 2.0, 1, measured)[-1]
-  assert (name, ok) == ("t2_x1_try3", False)
-  assert scale == pytest.approx(2 ** 0.5)
-  measured.update(t2_x1_try3=_done(2.5), t2_x1_try4=_done(2.4))
-  name, scale, ok = study.attempts(S, 2.0, 1, measured)[-1]
-  assert (name, ok) == ("t2_x1_try4", True)
-  assert scale == pytest.approx(2 ** 0.75)  # between 1.41 (above) and 2
+  assert (name, ok) == ("t2_x1_alpha3", False)
+  assert scale == pytest.approx(S.step ** 0.5)
+  # Within the tolerance: accepted, with the baselines.
+  measured["t2_x1_alpha3"] = _done(2.2)
+  assert study.attempts(S, 2.0, 1, measured)[-1][1:] == (
+      pytest.approx(S.step ** 0.5), True)
   runs = {r.name: r for r in study.plan(S, measured)}
-  assert runs["t2_x1_try4"].stages == "bsq,finetune,scratch,hawq"
-  assert runs["t2_x1_ft9"].copy_from == "t2_x1_try4"
+  assert runs["t2_x1_alpha3"].stages == "bsq,finetune,scratch,hawq"
+  assert runs["t2_x1_ft9"].copy_from == "t2_x1_alpha3"
+  # Out of tries: the nearest to the target is taken.
+  measured.update(t2_x1_alpha3=_done(2.45), t2_x1_alpha4=_done(1.45))
+  assert study.accepted(S, 2.0, 1, measured) == ("t2_x1_alpha3",
+                                                 pytest.approx(S.step ** 0.5))
 
 
 def test_plan_adds_the_runs_that_need_an_accepted_one():
-  before = {r.name for r in study.plan(S)}
-  assert before == {"base_seed0", "t2_x1", "t2_x3", "t2_x9", "base_seed1"}
-  runs = {r.name: r for r in study.plan(S, {"t2_x9": _done(1.8, 3.0),
-                                            "t2_x1": _done(2.1)})}
-  assert runs["t2_x9"].stages == "bsq,finetune,scratch,hawq"
+  before = [r.name for r in study.plan(S)]
+  assert before == ["base_seed0", "t2_x1_alpha1", "t2_x3_alpha1",
+                    "t2_x9_alpha1", "base_seed1", "t2_x1", "t2_x3", "t2_x9"]
+  runs = {r.name: r for r in study.plan(S, {"t2_x9_alpha1": _done(1.8, 3.0),
+                                            "t2_x1_alpha1": _done(2.1)})}
+  assert runs["t2_x9_alpha1"].stages == "bsq,finetune,scratch,hawq"
   assert runs["uniform2_x9"].changes["convert.bits"] == 2
   assert runs["uniform2_x9"].changes["finetune.epochs"] == 27
-  fixed = runs["t2_x9_fixed"].changes
-  assert fixed["bsq.alpha"] == 3.0 and "bsq.target_bits" not in fixed
+  # Budget mode beside the rows: BSQ alone.
+  assert runs["t2_x9"].stages == "bsq"
+  assert runs["t2_x9"].changes["bsq.target_bits"] == 2.0
   # 1x BSQ, finetuned as long as 9x: its BSQ copied, only finetune run.
   long_ft = runs["t2_x1_ft9"]
-  assert (long_ft.stages, long_ft.copy_from) == ("finetune", "t2_x1")
+  assert (long_ft.stages, long_ft.copy_from) == ("finetune", "t2_x1_alpha1")
   assert "bsq" in long_ft.copy_stages
   assert long_ft.changes["finetune.epochs"] == 27
   assert long_ft.changes["bsq.epochs"] == 6
@@ -92,10 +98,13 @@ def test_plan_adds_the_runs_that_need_an_accepted_one():
   assert runs["t2_x1_seed1"].changes["seed"] == 1
 
 
-def _write(workdir, run, records):
+def _write(workdir, run, records, config=None):
   os.makedirs(os.path.join(workdir, run), exist_ok=True)
   with open(os.path.join(workdir, run, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in records)
+  if config is not None:
+    with open(os.path.join(workdir, run, "config.json"), "w") as f:
+      json.dump(config, f)
 
 
 LAYERS = {"conv1/kernel": 6, "fc/kernel": 2}
@@ -122,10 +131,15 @@ def _fake(workdir):
             for e in (1, 2)])
   # BSQ 6 points behind HAWQ-V2 at 1x, 1 point at 9x.
   for n, (ft, hawq) in {1: (0.80, 0.86), 3: (0.82, 0.86), 9: (0.85, 0.86)}.items():
-    _write(workdir, f"t2_x{n}", _bsq_run(6 * n, 2.1, ft, hawq, 0.83,
-                                        [0.5] * (6 * n - 1) + [2.0]))
+    _write(workdir, f"t2_x{n}_alpha1", _bsq_run(6 * n, 2.1, ft, hawq, 0.83,
+                                               [0.7 / n] * 6 * n),
+           {"bsq.alpha": 0.7 / n})
+  _write(workdir, "t2_x9", _bsq_run(54, 2.3, None, None, None,
+                                    [0.1] * 53 + [0.25])[:54],
+         {"bsq.alpha": None, "bsq.default_alpha": 0.111,
+          "bsq.budget_alpha_min": 0.0444})
   _write(workdir, "t2_x1_seed1", _bsq_run(6, 2.0, 0.81, 0.865, 0.835,
-                                          [0.5] * 5 + [1.5]))
+                                          [0.7] * 6))
   _write(workdir, "t2_x1_ft9", [dict(stage="finetune", epoch=27,
                                      test_accuracy=0.83, average_bits=2.1)])
   _write(workdir, "uniform2_x1", [dict(stage="uniform", epoch=3,
@@ -144,15 +158,15 @@ def test_report_reads_every_run(tmp_path):
                         {"t2_x1": 60}, {"cpu": "x", "cores": 2, "device": "cpu",
                                         "jax": "0"},
                         str(tmp_path / "plots"), "", "It closes.")
-  assert ("| 1x | 60 | 0.5 -> 2 (0.5-2) | 2.10 | 50.00% | **80.00%** | 2.09 "
+  assert ("| 1x | 60 | 0.7 (fixed) | 2.10 | 50.00% | **80.00%** | 2.09 "
           "| 86.00% | 83.00% | 2 | 84.00% | -6.00 | -3.00 |") in text
   assert "| 9x | 540 |" in text and "| 1x, seed 1 | 60 |" in text
   assert "27 epochs instead of 3): 83.00% against 80.00%" in text
   assert "| conv1 | 6 | 6 | 6 | 6 | 6 | 6 |" in text
   assert "| fc | 2 | 3 | 2 | 3 | 2 | 3 |" in text
   assert "seed 0: 81.00, 82.00" in text
-  assert "| 9x | 2 | 2.10 | yes | 50.00% | 85.00% |" in text
-  assert "| t2_x9 | 9x | 0.111 | 0.0444 | 2 | 2.10 |" in text
+  assert "| t2_x9_alpha1 | 9x | 0.0778 | 2.10 | 50.00% |" in text
+  assert "| t2_x9 | 9x | 0.111 | 0.0444 | 0.25 | 2.30 | yes | 50.00% |" in text
   assert "It closes." in text
   path = study.plot_gaps(S, r, str(tmp_path / "plots"))
   assert os.path.getsize(path) > 0
