@@ -1,4 +1,4 @@
-"""A HAWQ-V2-style mixed-precision baseline (issue 17): Hessian-aware
+"""A HAWQ-V2-style mixed-precision baseline: Hessian-aware
 per-layer precisions at the size BSQ reached, for the `hawq` stage.
 
 The algorithm, on the float (pretrained) model:
