@@ -129,12 +129,13 @@ def fixed_name(target: float, length: int, k: int) -> str:
 def attempts(s: Study, target: float, length: int,
              measured: Dict[str, dict]) -> List[Tuple[str, float, bool]]:
   """The fixed-alpha search at one length so far, as (name, scale,
-  accepted). A run more than `tolerance` from the target is followed by
+  accepted). It starts where the next shorter length's ended. A run more
+  than `tolerance` from the target is followed by
   one with alpha times `step` (it kept too many bits) or over it (too few),
   then, once runs lie on both sides, at the geometric middle of the nearest
   two. The one within the tolerance is accepted, or after `tries` the one
   nearest the target. The last entry without a record is the next to run."""
-  out, scale = [], 1.0
+  out, scale = [], _first_scale(s, target, length, measured)
   above, below = math.inf, 0.0  # scales known to land below / above
   for k in range(s.tries):
     name = fixed_name(target, length, k)
@@ -153,6 +154,15 @@ def attempts(s: Study, target: float, length: int,
              else scale * (s.step if miss > 0 else 1 / s.step))
   best = min(out, key=lambda a: abs(measured[a[0]]["average_bits"] - target))
   return out + [(best[0], best[1], True)]
+
+
+def _first_scale(s: Study, target: float, length: int,
+                 measured: Dict[str, dict]) -> float:
+  """Where a length's search starts: the scale accepted at the next shorter
+  length (alpha x steps as it found them), 1 at the shortest."""
+  shorter = [n for n in s.lengths if n < length]
+  got = accepted(s, target, max(shorter), measured) if shorter else None
+  return got[1] if got else 1.0
 
 
 def accepted(s: Study, target: float, length: int,

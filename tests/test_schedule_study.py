@@ -75,6 +75,14 @@ def test_the_search_steps_then_bisects_then_takes_the_nearest():
                                                  pytest.approx(S.step ** 0.5))
 
 
+def test_a_longer_search_starts_where_the_shorter_one_ended():
+  measured = {"t2_x1_alpha1": _done(2.96), "t2_x1_alpha2": _done(2.1)}
+  assert study.accepted(S, 2.0, 1, measured)[1] == pytest.approx(S.step)
+  runs = {r.name: r for r in study.plan(S, measured)}
+  assert runs["t2_x3_alpha1"].changes["bsq.alpha"] == pytest.approx(
+      S.fixed_alpha * S.step / 3)
+
+
 def test_plan_adds_the_runs_that_need_an_accepted_one():
   before = [r.name for r in study.plan(S)]
   assert before == ["base_seed0", "t2_x1_alpha1", "t2_x3_alpha1",
