@@ -267,7 +267,9 @@ def run_all(s: Study, workdir: str) -> Dict[str, float]:
   times = json.load(open(times_path)) if os.path.exists(times_path) else {}
   done = set()
   while True:  # the plan grows as runs finish
-    todo = [r for r in plan(s, measured_bsq(s, workdir)) if r.name not in done]
+    # A run accepted by the search runs again with its baselines' stages.
+    todo = [r for r in plan(s, measured_bsq(s, workdir))
+            if (r.name, r.stages) not in done]
     if not todo:
       return times
     run = todo[0]
@@ -281,7 +283,7 @@ def run_all(s: Study, workdir: str) -> Dict[str, float]:
     times[run.name] = times.get(run.name, 0.0) + time.time() - t0
     with open(times_path, "w") as f:
       json.dump(times, f, indent=1)
-    done.add(run.name)
+    done.add((run.name, run.stages))
 
 
 # -- reading the runs back ----------------------------------------------------
