@@ -64,7 +64,7 @@ class Study:
   floor_alpha: float
   alpha_max: float
   tolerance: float = 0.3      # bits from the target that a row may land
-  tries: int = 4              # fixed-alpha runs per length at most
+  tries: int = 6              # fixed-alpha runs per length at most
   step: float = 1.6           # the search's factor before it brackets
   repeat_seed: int = 1
 
@@ -118,6 +118,12 @@ def budget(s: Study, target: float, length: int,
           "bsq.budget_alpha_max": s.alpha_max}
 
 
+def finetuned_bits(rec: dict) -> float:
+  """A finished BSQ stage's size as finetuned: a tensor BSQ left all zero
+  counts 0 bits there (and at 1 bit in its own average)."""
+  return rec.get("finetune_average_bits", rec["average_bits"])
+
+
 def fixed(s: Study, length: int, scale: float) -> Dict[str, object]:
   return {"bsq.alpha": s.fixed_alpha * scale / length}
 
@@ -129,8 +135,8 @@ def fixed_name(target: float, length: int, k: int) -> str:
 def attempts(s: Study, target: float, length: int,
              measured: Dict[str, dict]) -> List[Tuple[str, float, bool]]:
   """The fixed-alpha search at one length so far, as (name, scale,
-  accepted). It starts where the next shorter length's ended. A run more
-  than `tolerance` from the target is followed by
+  accepted). It starts where the next shorter length's ended. A run whose
+  finetuned size is more than `tolerance` from the target is followed by
   one with alpha times `step` (it kept too many bits) or over it (too few),
   then, once runs lie on both sides, at the geometric middle of the nearest
   two. The one within the tolerance is accepted, or after `tries` the one
@@ -142,7 +148,7 @@ def attempts(s: Study, target: float, length: int,
     done = measured.get(name)
     if done is None:
       return out + [(name, scale, False)]
-    miss = done["average_bits"] - target
+    miss = finetuned_bits(done) - target
     if abs(miss) <= s.tolerance:
       return out + [(name, scale, True)]
     out.append((name, scale, False))
@@ -152,7 +158,7 @@ def attempts(s: Study, target: float, length: int,
       above = min(above, scale)
     scale = (math.sqrt(below * above) if below and above < math.inf
              else scale * (s.step if miss > 0 else 1 / s.step))
-  best = min(out, key=lambda a: abs(measured[a[0]]["average_bits"] - target))
+  best = min(out, key=lambda a: abs(finetuned_bits(measured[a[0]]) - target))
   return out + [(best[0], best[1], True)]
 
 
@@ -191,7 +197,7 @@ def plan(s: Study, measured: Optional[Dict[str, dict]] = None) -> List[Run]:
     for n in s.lengths:
       got = accepted(s, t, n, measured)
       if got is not None:
-        bits = nearest_bits(measured[got[0]]["average_bits"])
+        bits = nearest_bits(finetuned_bits(measured[got[0]]))
         runs.append(Run(f"uniform{bits}_x{n}", "convert,uniform",
                         {"convert.bits": bits, **schedules(s, n, n)},
                         base_name(0), ("pretrain",)))
@@ -333,6 +339,10 @@ def uniform_acc(workdir: str, length: int, bits: int) -> Optional[float]:
 
 
 def float_curve(workdir: str, seed: int) -> List[float]:
+  """Test accuracy by pretraining epoch; empty if that run has not started."""
+  if not os.path.exists(os.path.join(workdir, base_name(seed),
+                                     "metrics.jsonl")):
+    return []
   recs = records(workdir, base_name(seed))
   return [r["test_accuracy"] for r in recs if r["stage"] == "pretrain"]
 
@@ -348,6 +358,7 @@ def _tried(workdir: str, name: str, length: int, rec: dict) -> dict:
                     else config["bsq.alpha"]),
           "floor": config["bsq.budget_alpha_min"] if budget_mode else None,
           "last_alpha": rec["alpha"], "bits": rec["average_bits"],
+          "ft_bits": finetuned_bits(rec),
           "met": rec.get("budget_report", {}).get("met"),
           "bsq_acc": rec.get("test_accuracy")}
 
@@ -367,7 +378,8 @@ def collect(s: Study, workdir: str) -> dict:
       got = accepted(s, t, n, measured)
       row = bsq_row(workdir, got[0]) if got else None
       if row is not None:
-        row.update(length=n, uniform_bits=nearest_bits(row["bits"]))
+        row.update(length=n, uniform_bits=nearest_bits(
+            finetuned_bits(measured[got[0]])))
         row["uniform_acc"] = uniform_acc(workdir, n, row["uniform_bits"])
         rows.append(row)
     budgets = [_tried(workdir, name, _length(name), rec)
@@ -436,23 +448,27 @@ def table(block: dict) -> List[str]:
 
 def search_lines(block: dict) -> List[str]:
   """Every fixed-alpha run of the search, and every budget-mode run beside
-  the rows: the alpha it ran with, where it ended, its accuracy."""
+  the rows: the alpha it ran with, where it ended (after BSQ, and as
+  finetuned, the size the search aims at), its accuracy."""
   lines = ["", "The search: every fixed-alpha BSQ run (the accepted one is "
            "the row above).", "", "| run | length | alpha | bits after BSQ | "
-           "after BSQ |", "|---|---|---|---|---|"]
+           "as finetuned (all-zero tensors at 0) | after BSQ |",
+           "|---|---|---|---|---|---|"]
   lines += [f"| {a['run']} | {a['length']}x | {a['alpha']:.3g} | "
-            f"{a['bits']:.2f} | {pct(a['bsq_acc'])} |"
+            f"{a['bits']:.2f} | {a['ft_bits']:.2f} | {pct(a['bsq_acc'])} |"
             for a in block["attempts"]]
   lines += ["", f"Budget mode beside them (`bsq.target_bits` "
             f"{block['target']:g}): every run, with its start and floor of "
             f"alpha, the alpha it ended with and the bits it reached.", "",
             "| run | length | alpha start | floor | last alpha | reached "
-            "| met | after BSQ |", "|---|---|---|---|---|---|---|---|"]
+            "| as finetuned | met | after BSQ |",
+            "|---|---|---|---|---|---|---|---|---|"]
   for b in block["budget"]:
     met = {True: "yes", False: "no"}.get(b["met"], "-")
     lines.append(f"| {b['run']} | {b['length']}x | {b['alpha']:.3g} | "
                  f"{b['floor']:.3g} | {b['last_alpha']:.3g} | "
-                 f"{b['bits']:.2f} | {met} | {pct(b['bsq_acc'])} |")
+                 f"{b['bits']:.2f} | {b['ft_bits']:.2f} | {met} | "
+                 f"{pct(b['bsq_acc'])} |")
   return lines
 
 
@@ -494,7 +510,8 @@ def setup_lines(s: Study, r: dict) -> List[str]:
     lines.append(f"| {n}x | {e} | {list(d)} | {k} | {fe} | {list(fd)} |")
   lines += ["", "Float test accuracy by pretraining epoch:", ""]
   for seed, accs in r["float"].items():
-    lines.append(f"- seed {seed}: " + ", ".join(f"{100 * a:.2f}" for a in accs))
+    lines.append(f"- seed {seed}: " + (", ".join(f"{100 * a:.2f}" for a in accs)
+                                       or "not run yet"))
   return lines + [""]
 
 

@@ -70,9 +70,19 @@ def test_the_search_steps_then_bisects_then_takes_the_nearest():
   assert runs["t2_x1_alpha3"].stages == "bsq,finetune,scratch,hawq"
   assert runs["t2_x1_ft9"].copy_from == "t2_x1_alpha3"
   # Out of tries: the nearest to the target is taken.
-  measured.update(t2_x1_alpha3=_done(2.45), t2_x1_alpha4=_done(1.45))
+  measured.update(t2_x1_alpha3=_done(2.45), t2_x1_alpha4=_done(1.45),
+                  t2_x1_alpha5=_done(2.6), t2_x1_alpha6=_done(1.4))
+  assert S.tries == 6
   assert study.accepted(S, 2.0, 1, measured) == ("t2_x1_alpha3",
                                                  pytest.approx(S.step ** 0.5))
+
+
+def test_the_search_aims_at_the_size_as_finetuned():
+  """A run that zeroed whole tensors is smaller as finetuned (0 bits
+  there) than its BSQ average says: the search reads the former."""
+  zeroed = dict(_done(2.1), finetune_average_bits=0.8)
+  name, scale, ok = study.attempts(S, 2.0, 1, {"t2_x1_alpha1": zeroed})[-1]
+  assert (name, ok) == ("t2_x1_alpha2", False) and scale < 1
 
 
 def test_a_longer_search_starts_where_the_shorter_one_ended():
@@ -173,8 +183,9 @@ def test_report_reads_every_run(tmp_path):
   assert "| conv1 | 6 | 6 | 6 | 6 | 6 | 6 |" in text
   assert "| fc | 2 | 3 | 2 | 3 | 2 | 3 |" in text
   assert "seed 0: 81.00, 82.00" in text
-  assert "| t2_x9_alpha1 | 9x | 0.0778 | 2.10 | 50.00% |" in text
-  assert "| t2_x9 | 9x | 0.111 | 0.0444 | 0.25 | 2.30 | yes | 50.00% |" in text
+  assert "| t2_x9_alpha1 | 9x | 0.0778 | 2.10 | 2.10 | 50.00% |" in text
+  assert ("| t2_x9 | 9x | 0.111 | 0.0444 | 0.25 | 2.30 | 2.30 | yes | "
+          "50.00% |") in text
   assert "It closes." in text
   path = study.plot_gaps(S, r, str(tmp_path / "plots"))
   assert os.path.getsize(path) > 0
