@@ -164,11 +164,15 @@ def attempts(s: Study, target: float, length: int,
 
 def _first_scale(s: Study, target: float, length: int,
                  measured: Dict[str, dict]) -> float:
-  """Where a length's search starts: the scale accepted at the next shorter
-  length (alpha x steps as it found them), 1 at the shortest."""
-  shorter = [n for n in s.lengths if n < length]
-  got = accepted(s, target, max(shorter), measured) if shorter else None
-  return got[1] if got else 1.0
+  """Where a length's search starts: the scales the two next shorter
+  lengths accepted, extended in log scale over log length (the third
+  length on); the next shorter one's alone (the second); 1 (the first)."""
+  shorter = sorted(n for n in s.lengths if n < length)[-2:]
+  got = [accepted(s, target, n, measured) for n in shorter]
+  if len(got) == 2 and None not in got:
+    (n1, (_, a1)), (n2, (_, a2)) = zip(shorter, got)
+    return a2 * (a2 / a1) ** (math.log(length / n2) / math.log(n2 / n1))
+  return got[-1][1] if got and got[-1] else 1.0
 
 
 def accepted(s: Study, target: float, length: int,

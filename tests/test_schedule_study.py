@@ -91,6 +91,13 @@ def test_a_longer_search_starts_where_the_shorter_one_ended():
   runs = {r.name: r for r in study.plan(S, measured)}
   assert runs["t2_x3_alpha1"].changes["bsq.alpha"] == pytest.approx(
       S.fixed_alpha * S.step / 3)
+  # With two lengths done, the third extends their trend: 1x took scale
+  # 1.6, 3x 1.6^2, so 9x (as far again in log length) starts at 1.6^3.
+  measured.update(t2_x3_alpha1=_done(2.9), t2_x3_alpha2=_done(1.9))
+  assert study.accepted(S, 2.0, 3, measured)[1] == pytest.approx(S.step ** 2)
+  runs = {r.name: r for r in study.plan(S, measured)}
+  assert runs["t2_x9_alpha1"].changes["bsq.alpha"] == pytest.approx(
+      S.fixed_alpha * S.step ** 3 / 9)
 
 
 def test_plan_adds_the_runs_that_need_an_accepted_one():
