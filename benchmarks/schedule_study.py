@@ -192,19 +192,17 @@ def plan(s: Study, measured: Optional[Dict[str, dict]] = None) -> List[Run]:
   longest = max(s.lengths)
   runs = [Run(base_name(0), "pretrain,convert", {"eval_every": 1}, None)]
   for t in s.targets:
-    for n in s.lengths:
+    for n in s.lengths:  # each length's row, then its uniform baseline
       name, scale, ok = attempts(s, t, n, measured)[-1]
       runs.append(Run(name, "bsq,finetune,scratch,hawq" if ok else "bsq",
                       {**fixed(s, n, scale), **schedules(s, n, n)},
                       base_name(0), floats))
-  for t in s.targets:
-    for n in s.lengths:
-      got = accepted(s, t, n, measured)
-      if got is not None:
-        bits = nearest_bits(finetuned_bits(measured[got[0]]))
+      if ok:
+        bits = nearest_bits(finetuned_bits(measured[name]))
         runs.append(Run(f"uniform{bits}_x{n}", "convert,uniform",
                         {"convert.bits": bits, **schedules(s, n, n)},
                         base_name(0), ("pretrain",)))
+  for t in s.targets:
     one = accepted(s, t, 1, measured)
     if one is not None:
       runs.append(Run(f"{bsq_name(t, 1)}_ft{longest}", "finetune",
@@ -535,7 +533,8 @@ def markdown(s: Study, r: dict, command: str, times: Dict[str, float],
     first = block["rows"][0]["ft_acc"] if block["rows"] else None
     band = noise(first, spread) if first is not None else None
     lines += [f"## Target {block['target']:g} average bits", "",
-              "Each length's BSQ run (budget mode) sets the size of its "
+              "Each length's row is the fixed-alpha BSQ run the search "
+              "accepted (below); it sets the size of its "
               "baselines: HAWQ-V2 allocates BSQ's finetuned size by Hessian "
               "trace, from-scratch takes BSQ's scheme; both start from the "
               "float model, as does uniform. All four are finetuned alike "
@@ -546,7 +545,8 @@ def markdown(s: Study, r: dict, command: str, times: Dict[str, float],
           f"Noise: a difference counts only beyond {100 * band:.2f} points "
           f"(the larger of 1.96 standard errors of a difference of two "
           f"accuracies on 10,000 images and the 1x repeat's largest move"
-          + (f", {100 * spread:.2f}" if spread is not None else "") + ").")
+          + (f", {100 * spread:.2f}" if spread is not None else
+             "; the repeat has not run yet") + ").")
     if block["long_ft"]:
       lf, base = block["long_ft"], block["rows"][0]
       lines.append(
