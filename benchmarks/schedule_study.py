@@ -498,12 +498,18 @@ def setup_lines(s: Study, r: dict) -> List[str]:
            f"images. Training images: the first {s.train_subset:,} of 60,000; "
            f"test: all 10,000. Float pretraining: {s.pretrain[0]} epochs (lr "
            f"0.1, x0.1 at {list(s.pretrain[1])}), shared by every run of a "
-           f"seed. Budget mode starts at alpha {s.start_alpha:g} with a floor "
-           f"of {s.floor_alpha:g} at 1x, and at 1/n of both at nx (the same "
-           f"alpha x steps), at most {s.alpha_max:g}; a run more than "
-           f"{s.tolerance:g} bits off the target is run again with both "
-           f"doubled (above) or halved (below), then bisected (geometric "
-           f"middle), {s.tries} tries at most.", "",
+           f"seed.", "",
+           f"Each row's alpha is searched, aimed at the size as finetuned "
+           f"(a tensor left all zero counts 0 bits): at 1x from "
+           f"{s.fixed_alpha:g}, at a longer length from the trend of the "
+           f"shorter lengths' alpha x steps; times or over {s.step:g} until "
+           f"runs lie on both sides of the target, then the geometric middle "
+           f"of the nearest two; within {s.tolerance:g} bits it is accepted, "
+           f"after {s.tries} tries the nearest is. Budget mode beside the "
+           f"rows starts at alpha {s.start_alpha:g} with a floor of "
+           f"{s.floor_alpha:g} at 1x and at 1/n of both at nx, at most "
+           f"{s.alpha_max:g} (t2_x1_try2-4 were retries of an earlier rule "
+           f"of this script: start and floor doubled, halved, bisected).", "",
            "| length | BSQ epochs | lr x0.1 at | host pass every | finetune "
            "epochs (all four methods) | lr x0.1 at |", "|---|---|---|---|---|---|"]
   for n in s.lengths:
