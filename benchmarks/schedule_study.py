@@ -591,7 +591,12 @@ def plot_gaps(s: Study, r: dict, plot_dir: str) -> str:
       pts = [(x["steps"], gap(x, key)) for x in rows if gap(x, key) is not None]
       ax.plot([p for p, _ in pts], [100 * g for _, g in pts], style,
               color=f"C{2 * i + (key == 'scratch_acc')}",
-              label=f"{block['target']:g} bits: BSQ - {name}")
+              label=f"target {block['target']:g} bits: BSQ - {name}")
+    for x in rows:  # each row's own size: the search may land off target
+      if gap(x, "hawq_acc") is not None and x["ft_bits"] is not None:
+        ax.annotate(f"{x['ft_bits']:.2f} bits", (x["steps"],
+                                                 100 * gap(x, "hawq_acc")),
+                    fontsize=7, textcoords="offset points", xytext=(4, -10))
   ax.axhline(0, color="black", lw=0.8)
   ax.set_xscale("log")
   ax.set_xlabel("BSQ steps (log)")
