@@ -243,14 +243,19 @@ def config_for(s: Study, run: Run):
 
 # -- running ------------------------------------------------------------------
 
+def run_records(workdir: str, name: str) -> List[dict]:
+  """A run's metrics records; none for a run not started (or not a run)."""
+  if not os.path.exists(os.path.join(workdir, name, "metrics.jsonl")):
+    return []
+  return records(workdir, name)
+
+
 def measured_bsq(s: Study, workdir: str) -> Dict[str, dict]:
   """Each run's last BSQ record, by run name, where its BSQ stage ran to
   the end of its schedule."""
   found = {}
   for name in sorted(os.listdir(workdir)):
-    if not os.path.exists(os.path.join(workdir, name, "metrics.jsonl")):
-      continue
-    rec = last(records(workdir, name), "bsq")
+    rec = last(run_records(workdir, name), "bsq")
     length = _length(name)
     if (rec is not None and length is not None
         and rec["epoch"] == bsq_schedule(s, length)[0][0]):
@@ -299,9 +304,7 @@ def run_all(s: Study, workdir: str) -> Dict[str, float]:
 def bsq_row(workdir: str, name: str) -> Optional[dict]:
   """A BSQ run's figures and its baselines' (those it ran), or None if its
   BSQ stage has not finished."""
-  if not os.path.exists(os.path.join(workdir, name, "metrics.jsonl")):
-    return None
-  recs = records(workdir, name)
+  recs = run_records(workdir, name)
   epochs = [r for r in recs if r["stage"] == "bsq"]
   bsq = last(recs, "bsq")
   if bsq is None or "test_accuracy" not in bsq:
@@ -324,29 +327,21 @@ def bsq_row(workdir: str, name: str) -> Optional[dict]:
 def finetuned_only(workdir: str, name: str) -> Optional[dict]:
   """A run that only finetunes another's BSQ result: its BSQ figures are
   the copied run's, its finetuning its own."""
-  if not os.path.exists(os.path.join(workdir, name, "metrics.jsonl")):
-    return None
-  ft = last(records(workdir, name), "finetune")
+  ft = last(run_records(workdir, name), "finetune")
   return None if ft is None else {"ft_acc": ft["test_accuracy"],
                                   "ft_bits": ft["average_bits"],
                                   "ft_epochs": ft["epoch"]}
 
 
 def uniform_acc(workdir: str, length: int, bits: int) -> Optional[float]:
-  path = os.path.join(workdir, f"uniform{bits}_x{length}", "metrics.jsonl")
-  if not os.path.exists(path):
-    return None
-  rec = last(records(workdir, f"uniform{bits}_x{length}"), "uniform")
+  rec = last(run_records(workdir, f"uniform{bits}_x{length}"), "uniform")
   return None if rec is None else rec["test_accuracy"]
 
 
 def float_curve(workdir: str, seed: int) -> List[float]:
   """Test accuracy by pretraining epoch; empty if that run has not started."""
-  if not os.path.exists(os.path.join(workdir, base_name(seed),
-                                     "metrics.jsonl")):
-    return []
-  recs = records(workdir, base_name(seed))
-  return [r["test_accuracy"] for r in recs if r["stage"] == "pretrain"]
+  return [r["test_accuracy"] for r in run_records(workdir, base_name(seed))
+          if r["stage"] == "pretrain"]
 
 
 def _tried(workdir: str, name: str, length: int, rec: dict) -> dict:
